@@ -1,0 +1,61 @@
+# boxvol: `make demo` and `make test` each set up what they need on a fresh Debian 12.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := .stamps
+
+# Debian packages: FUSE and libvirt headers to build pyfuse3 and libvirt-python, podman and
+# hyperfine for the CLI start-up benchmark.
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config libvirt-dev gcc python3-dev podman hyperfine
+
+.PHONY: setup test lint typecheck unit integration demo bench openapi clean
+
+setup: $(STAMP)/venv
+
+$(STAMP)/apt: Makefile
+	@mkdir -p $(STAMP)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	  | grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
+$(STAMP)/venv: $(STAMP)/apt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+lint: setup
+	$(BIN)/ruff check volumed vmdriver cli tests bench
+	$(BIN)/ruff format --check volumed vmdriver cli tests bench
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -q tests/unit
+
+integration: setup
+	$(BIN)/pytest -q tests/integration
+
+test: setup
+	$(BIN)/ruff check volumed vmdriver cli tests bench
+	$(BIN)/mypy
+	$(BIN)/python -m volumed.openapi --check docs/openapi.json
+	$(BIN)/pytest -q
+
+demo: setup
+	$(BIN)/python demo/run.py
+
+bench: setup
+	$(BIN)/python bench/control_plane.py
+	$(BIN)/python bench/cli_startup.py
+
+openapi: setup
+	$(BIN)/python -m volumed.openapi --write docs/openapi.json
+
+clean:
+	rm -rf $(VENV) $(STAMP) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,316 @@
+"""``boxvol``: create, list, inspect, remove, prune and measure managed volumes.
+
+Exit codes: 0 success, 1 a failed operation, 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from volumed import errors, locations
+from volumed.client import Client
+
+if TYPE_CHECKING:
+    from typing import TextIO
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command line that cannot be carried out as written."""
+
+
+def _client() -> Client:
+    return Client(locations.socket_path(os.environ, os.geteuid()))
+
+
+def _short_time(stamp: str) -> str:
+    return stamp[:19].replace("T", " ")
+
+
+def print_table(rows: list[list[str]], headers: list[str], out: TextIO) -> None:
+    """Left-aligned columns separated by two spaces, as docker and podman print them."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    for row in [headers, *rows]:
+        line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+        out.write(line.rstrip() + "\n")
+
+
+def _labels_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" if v else k for k, v in sorted(labels.items()))
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def cmd_create(args: argparse.Namespace, out: TextIO) -> int:
+    """Create a named volume (NAME given) or an anonymous one; print its name or id."""
+    from volumed.names import check_name, parse_label
+    from volumed.sizes import parse_inodes, parse_size
+
+    try:
+        if args.name is not None:
+            check_name(args.name)
+        labels = dict(parse_label(text) for text in args.label)
+        size = parse_size(args.size) if args.size is not None else None
+        inodes = parse_inodes(args.inodes) if args.inodes is not None else None
+    except errors.InvalidArgument as exc:
+        raise UsageError(exc.message) from None
+    volume = _client().create_volume(
+        args.name, labels=labels, size_bytes=size, inode_limit=inodes, consumer=args.consumer
+    )
+    out.write((volume["name"] or volume["id"]) + "\n")
+    return EXIT_OK
+
+
+_FILTER_KEYS = ("kind", "label", "name", "dangling", "in_use")
+
+
+def _filters(texts: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for text in texts:
+        key, sep, value = text.partition("=")
+        key = key.replace("-", "_")
+        if not sep or key not in _FILTER_KEYS:
+            raise UsageError(
+                f"invalid filter {text!r}: give KEY=VALUE with KEY one of "
+                "kind, label, name, dangling, in-use (e.g. --filter label=team=db)"
+            )
+        if key in ("dangling", "in_use") and value not in ("true", "false"):
+            raise UsageError(f"invalid filter {text!r}: {key} takes true or false")
+        pairs.append((key, value))
+    return pairs
+
+
+def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
+    """List volumes as a table, ids/names only (-q), or JSON."""
+    volumes = _client().list_volumes(_filters(args.filter))
+    if args.quiet:
+        out.writelines((v["name"] or v["id"]) + "\n" for v in volumes)
+    elif args.format == "json":
+        json.dump(volumes, out, indent=2)
+        out.write("\n")
+    else:
+        rows = [
+            [
+                v["id"],
+                v["name"] or "",
+                v["kind"],
+                "yes" if v["in_use"] else "no",
+                _short_time(v["created_at"]),
+                _labels_text(v["labels"]),
+            ]
+            for v in volumes
+        ]
+        print_table(rows, ["VOLUME ID", "NAME", "KIND", "IN USE", "CREATED", "LABELS"], out)
+    return EXIT_OK
+
+
+def _each(refs: list[str], action: Callable[[str], Any]) -> tuple[list[Any], bool]:
+    """Apply ``action`` to every ref, reporting failures and carrying on, as docker does."""
+    results, failed = [], False
+    for ref in refs:
+        try:
+            results.append(action(ref))
+        except errors.DaemonUnavailable:
+            raise
+        except errors.BoxvolError as exc:
+            sys.stderr.write(f"boxvol: error: {exc.message}\n")
+            failed = True
+    return results, failed
+
+
+def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
+    """Print the named volumes as a JSON array."""
+    client = _client()
+    found, failed = _each(args.refs, client.get_volume)
+    json.dump(found, out, indent=2)
+    out.write("\n")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_rm(args: argparse.Namespace, out: TextIO) -> int:
+    """Remove volumes (and their data); -f also removes volumes in use."""
+    client = _client()
+
+    def remove(ref: str) -> None:
+        client.remove_volume(ref, force=args.force)
+        out.write(ref + "\n")
+
+    _, failed = _each(args.refs, remove)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
+    """Remove unused anonymous volumes (every unused volume with --all)."""
+    from volumed.sizes import format_size
+
+    if not args.force:
+        what = "all unused volumes" if args.all else "all unused anonymous volumes"
+        sys.stderr.write(
+            f"WARNING! This will remove {what} and their data.\n"
+            "Are you sure you want to continue? [y/N] "
+        )
+        sys.stderr.flush()
+        answer = sys.stdin.readline().strip().lower()
+        if answer not in ("y", "yes"):
+            sys.stderr.write("\nnothing removed (give -f to prune without asking)\n")
+            return EXIT_FAILED
+    result = _client().prune(all_volumes=args.all)
+    if result["removed"]:
+        out.write("Deleted Volumes:\n")
+        out.writelines((v["name"] or v["id"]) + "\n" for v in result["removed"])
+        out.write("\n")
+    out.write(f"Total reclaimed space: {format_size(result['reclaimed_bytes'])}\n")
+    return EXIT_OK
+
+
+def cmd_df(args: argparse.Namespace, out: TextIO) -> int:
+    """Show space and inodes per volume, totals and what the host has left."""
+    from volumed.sizes import format_size
+
+    usage = _client().disk_usage()
+    if args.format == "json":
+        json.dump(usage, out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    rows = [
+        [
+            v["name"] or v["id"],
+            v["kind"],
+            "yes" if v["in_use"] else "no",
+            format_size(v["bytes"]),
+            str(v["inodes"]),
+        ]
+        for v in usage["volumes"]
+    ]
+    totals, host = usage["totals"], usage["host"]
+    rows.append(
+        [
+            "TOTAL",
+            f"{totals['volumes']} volumes",
+            "",
+            format_size(totals["bytes"]),
+            str(totals["inodes"]),
+        ]
+    )
+    print_table(rows, ["VOLUME", "KIND", "IN USE", "SIZE", "INODES"], out)
+    out.write(
+        f"\nHost: {format_size(host['free_bytes'])} free of {format_size(host['total_bytes'])}, "
+        f"{host['free_inodes']} inodes free of {host['total_inodes']}\n"
+    )
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
+    """Run boxvold in the foreground."""
+    from volumed import daemon
+
+    return daemon.run(args)
+
+
+def cmd_version(args: argparse.Namespace, out: TextIO) -> int:
+    """Print client and daemon versions."""
+    from volumed import __version__
+
+    out.write(f"boxvol {__version__}\n")
+    daemon_version = _client().version()
+    out.write(f"boxvold {daemon_version['version']} (API {daemon_version['api_version']})\n")
+    return EXIT_OK
+
+
+# -- parser -----------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``boxvol`` command line."""
+    parser = _Parser(
+        prog="boxvol",
+        description="Manage boxvol volumes. Volumes are referenced by name or id, never by path.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("create", help="create a volume (anonymous without NAME)")
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("--label", action="append", default=[], metavar="K=V")
+    p.add_argument("--size", metavar="SIZE", help="hard size cap, e.g. 10G")
+    p.add_argument("--inodes", metavar="N", help="inode cap")
+    p.add_argument("--consumer", help="who an anonymous volume belongs to")
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("ls", aliases=["list"], help="list volumes")
+    p.add_argument("-q", "--quiet", action="store_true", help="only names (ids if anonymous)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="kind=, label=KEY[=VALUE], name=, dangling=, in-use=",
+    )
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("inspect", help="show volumes as JSON")
+    p.add_argument("refs", nargs="+", metavar="REF")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("rm", aliases=["remove"], help="remove volumes and their data")
+    p.add_argument("-f", "--force", action="store_true", help="remove even if in use")
+    p.add_argument("refs", nargs="+", metavar="REF")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("prune", help="remove unused anonymous volumes")
+    p.add_argument("-a", "--all", action="store_true", help="every unused volume, named too")
+    p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("df", help="space used by volumes")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_df)
+
+    p = sub.add_parser("version", help="client and daemon versions")
+    p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("serve", help="run boxvold in the foreground")
+    from volumed.daemon_options import add_daemon_options
+
+    add_daemon_options(p)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``boxvol``."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args, sys.stdout)
+    except UsageError as exc:
+        sys.stderr.write(f"boxvol: error: {exc}\n")
+        return EXIT_USAGE
+    except errors.BoxvolError as exc:
+        sys.stderr.write(f"boxvol: error: {exc.message}\n")
+        return EXIT_FAILED
+    except BrokenPipeError:
+        return EXIT_FAILED
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

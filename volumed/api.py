@@ -1,0 +1,324 @@
+"""The HTTP/JSON API (an ASGI app) over a VolumeStore.
+
+Handlers are thin: they check the request, run the store's blocking work in a worker
+thread under a named limiter, and shape the answer. Errors are mapped to HTTP once, here,
+through ``volumed.errors.http_status``. Must not import libvirt or pyfuse3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import trio
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from volumed import API_VERSION, __version__, errors
+from volumed.model import Volume
+from volumed.names import parse_label
+from volumed.schemas import (
+    HOST_PATH_FIELDS,
+    CreateVolume,
+    DiskUsage,
+    ErrorAnswer,
+    Health,
+    PruneAnswer,
+    PruneVolumes,
+    RemoveAnswer,
+    Version,
+    VolumeList,
+    VolumeOut,
+)
+from volumed.store import ListFilter, ReconcileAction, VolumeState, VolumeStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorAnswer} for status in (404, 409, 422, 500)
+}
+
+
+class Service:
+    """What the API serves: the store, the limiters its blocking work runs under, and the
+    start-up reconciliation report."""
+
+    store: VolumeStore
+    #: One writer: creates, removals and prunes run one at a time, like the registry's lock.
+    writer: trio.CapacityLimiter
+    #: Reads (lookups, listings, usage walks) run beside each other.
+    reader: trio.CapacityLimiter
+    reconciled: list[ReconcileAction]
+
+    def __init__(self, store: VolumeStore, reconciled: list[ReconcileAction]) -> None:
+        self.store = store
+        self.writer = trio.CapacityLimiter(1)
+        self.reader = trio.CapacityLimiter(4)
+        self.reconciled = reconciled
+
+    async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a mutating store call in a worker thread."""
+        return await trio.to_thread.run_sync(
+            functools.partial(fn, *args, **kwargs), limiter=self.writer
+        )
+
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a reading store call in a worker thread."""
+        return await trio.to_thread.run_sync(
+            functools.partial(fn, *args, **kwargs), limiter=self.reader
+        )
+
+
+def volume_json(state: VolumeState) -> dict[str, Any]:
+    """The API's view of a volume (matches ``VolumeOut``)."""
+    volume = state.volume
+    return {
+        "id": volume.id,
+        "name": volume.name,
+        "kind": volume.kind,
+        "created_at": volume.created_at,
+        "labels": volume.labels,
+        "size_bytes": volume.size_bytes,
+        "inode_limit": volume.inode_limit,
+        "consumer": volume.consumer,
+        "in_use": state.in_use,
+        "exports": state.exports,
+    }
+
+
+def _removed_json(volume: Volume) -> dict[str, Any]:
+    return {"id": volume.id, "name": volume.name, "kind": volume.kind}
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    """A JSON answer encoded once, without re-validating it (listings can be large)."""
+    return Response(
+        content=json.dumps(body, separators=(",", ":")).encode(),
+        status_code=status,
+        media_type="application/json",
+    )
+
+
+def error_response(error: errors.BoxvolError) -> Response:
+    """The one place a domain error becomes an HTTP answer."""
+    return json_response(
+        {"error": {"code": error.code, "message": error.message}}, errors.http_status(error)
+    )
+
+
+def check_query(request: Request, allowed: Iterable[str]) -> None:
+    """Refuse unknown query parameters (and host-path-like ones by name)."""
+    allowed = set(allowed)
+    for key in request.query_params:
+        if key.lower() in HOST_PATH_FIELDS:
+            raise errors.HostPathRefused(
+                f"parameter {key!r} looks like a host path, and boxvol never takes one: "
+                "volumes are referenced by name or id"
+            )
+        if key not in allowed:
+            raise errors.InvalidArgument(
+                f"unknown query parameter {key!r}; accepted here: "
+                + (", ".join(sorted(allowed)) or "none")
+            )
+
+
+def _validation_error(exc: RequestValidationError) -> errors.BoxvolError:
+    details = exc.errors()
+    for detail in details:
+        if detail.get("type") == "host_path_refused":
+            return errors.HostPathRefused(str(detail["msg"]))
+    first = details[0] if details else {"loc": (), "msg": "malformed request"}
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(location)
+    if first.get("type") == "extra_forbidden":
+        return errors.InvalidArgument(
+            f"unknown field {field!r}; see docs/openapi.json for the fields this request takes"
+        )
+    if first.get("type") == "json_invalid":
+        return errors.InvalidArgument("the request body is not valid JSON")
+    where = f"field {field!r}: " if field else ""
+    return errors.InvalidArgument(f"invalid request: {where}{first.get('msg')}")
+
+
+def _parse_filter(
+    kind: str | None,
+    labels: list[str],
+    name: str | None,
+    in_use: bool | None,
+    dangling: bool | None,
+) -> ListFilter:
+    if kind not in (None, "named", "anonymous"):
+        raise errors.InvalidArgument(f"invalid kind {kind!r}: give 'named' or 'anonymous'")
+    if in_use is not None and dangling is not None and in_use == dangling:
+        raise errors.InvalidArgument("in_use and dangling contradict each other; give one")
+    wanted_in_use = in_use if in_use is not None else (None if dangling is None else not dangling)
+    label_pairs = []
+    for text in labels:
+        key, has_value, _ = text.partition("=")
+        key, value = parse_label(text)
+        label_pairs.append((key, value if has_value else None))
+    return ListFilter(
+        kind=kind,  # type: ignore[arg-type]
+        labels=tuple(label_pairs),
+        name_contains=name,
+        in_use=wanted_in_use,
+    )
+
+
+def create_app(service: Service) -> FastAPI:
+    """The ASGI application serving ``service``."""
+    app = FastAPI(
+        title="boxvold",
+        version=__version__,
+        description=(
+            "Managed volumes for hosts that run sandboxed VMs. Volumes are referenced by "
+            "name or id; no request takes a host path."
+        ),
+        openapi_url=f"/{API_VERSION}/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+        responses=_ERROR_RESPONSES,
+    )
+    store = service.store
+
+    @app.exception_handler(errors.BoxvolError)
+    async def _domain_error(_request: Request, exc: errors.BoxvolError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_request: Request, exc: RequestValidationError) -> Response:
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = (
+            f"no endpoint {request.method} {request.url.path}; see docs/openapi.json"
+            if exc.status_code in (404, 405)
+            else str(exc.detail)
+        )
+        return json_response({"error": {"code": code, "message": message}}, exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error in a request handler")
+        return error_response(errors.BoxvolError(f"internal error: {exc!r}; see boxvold's log"))
+
+    @app.post("/v1/volumes", status_code=201, response_model=VolumeOut)
+    async def create_volume(request: Request, body: CreateVolume) -> Response:
+        """Create a named volume (``name`` given) or an anonymous one."""
+        check_query(request, ())
+        volume = await service.write(
+            store.create,
+            name=body.name,
+            labels=body.labels,
+            size_bytes=body.size_bytes,
+            inode_limit=body.inode_limit,
+            consumer=body.consumer,
+        )
+        return json_response(volume_json(VolumeState(volume, 0)), 201)
+
+    @app.get("/v1/volumes", response_model=VolumeList)
+    async def list_volumes(
+        request: Request,
+        kind: str | None = None,
+        label: list[str] = Query(default_factory=list),  # noqa: B008
+        name: str | None = None,
+        in_use: bool | None = None,
+        dangling: bool | None = None,
+    ) -> Response:
+        """List volumes; every given filter must hold (``label`` is KEY or KEY=VALUE)."""
+        check_query(request, ("kind", "label", "name", "in_use", "dangling"))
+        where = _parse_filter(kind, label, name, in_use, dangling)
+        states = await service.read(store.list_volumes, where)
+        return json_response({"volumes": [volume_json(state) for state in states]})
+
+    @app.get("/v1/volumes/{ref}", response_model=VolumeOut)
+    async def get_volume(request: Request, ref: str) -> Response:
+        """One volume by name, id or unique id prefix."""
+        check_query(request, ())
+        return json_response(volume_json(await service.read(store.state, ref)))
+
+    @app.delete("/v1/volumes/{ref}", response_model=RemoveAnswer)
+    async def remove_volume(request: Request, ref: str, force: bool = False) -> Response:
+        """Remove a volume and its data; refused (409) while in use unless ``force``."""
+        check_query(request, ("force",))
+        volume = await service.write(store.remove, ref, force=force)
+        return json_response({"removed": _removed_json(volume)})
+
+    @app.post("/v1/volumes/prune", response_model=PruneAnswer)
+    async def prune_volumes(request: Request, body: PruneVolumes) -> Response:
+        """Remove unused anonymous volumes, or every unused volume with ``all``."""
+        check_query(request, ())
+        removed, reclaimed = await service.write(store.prune, all_volumes=body.all)
+        return json_response(
+            {"removed": [_removed_json(v) for v in removed], "reclaimed_bytes": reclaimed}
+        )
+
+    @app.get("/v1/system/df", response_model=DiskUsage)
+    async def disk_usage(request: Request) -> Response:
+        """Bytes and inodes per volume, totals, and room left on the host."""
+        check_query(request, ())
+        return json_response(await service.read(_disk_usage, store))
+
+    @app.get("/v1/health", response_model=Health)
+    async def health(request: Request) -> Response:
+        """Liveness, the volume count and what start-up reconciliation repaired."""
+        check_query(request, ())
+        count = len(await service.read(store.registry.all))
+        return json_response(
+            {
+                "status": "ok",
+                "volumes": count,
+                "reconciled": [dataclasses.asdict(a) for a in service.reconciled],
+            }
+        )
+
+    @app.get("/v1/version", response_model=Version)
+    async def version(request: Request) -> Response:
+        """Daemon and API versions."""
+        check_query(request, ())
+        return json_response({"version": __version__, "api_version": API_VERSION})
+
+    return app
+
+
+def _disk_usage(store: VolumeStore) -> dict[str, Any]:
+    """Blocking: walks every volume."""
+    rows = []
+    for state in store.list_volumes():
+        usage = store.usage(state.volume)
+        rows.append(
+            {
+                "id": state.volume.id,
+                "name": state.volume.name,
+                "kind": state.volume.kind,
+                "bytes": usage.bytes,
+                "inodes": usage.inodes,
+                "in_use": state.in_use,
+            }
+        )
+    return {
+        "volumes": rows,
+        "totals": {
+            "volumes": len(rows),
+            "bytes": sum(row["bytes"] for row in rows),
+            "inodes": sum(row["inodes"] for row in rows),
+        },
+        "host": store.host_space(),
+    }
+
+
+def openapi_document(app: FastAPI) -> str:
+    """The OpenAPI document as checked into docs/openapi.json."""
+    return json.dumps(app.openapi(), indent=2, sort_keys=True) + "\n"
+
+
+__all__ = ["DiskUsage", "Service", "create_app", "openapi_document"]

@@ -1,0 +1,252 @@
+"""A small synchronous client of boxvold's API, used by the CLI and the VM driver.
+
+Why not http.client or httpx: ``boxvol`` must start about as fast as podman's Go binary,
+and importing http.client (it pulls in the email package) or httpx costs more than the
+whole budget here (measured: +34 ms and +150 ms on a 19 ms interpreter start). The API
+speaks one narrow dialect we control: HTTP/1.1, one request per connection
+(``Connection: close``), JSON bodies. This module speaks exactly that and refuses
+anything else; tests drive it against the real server.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from volumed.errors import (
+    AlreadyExists,
+    BoxvolError,
+    DaemonUnavailable,
+    NotFound,
+    ProtocolError,
+    from_code,
+)
+
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+MAX_RESPONSE_BYTES = 256 << 20
+
+
+def quote(text: str) -> str:
+    """Percent-encode ``text`` for a URL path segment or query value."""
+    return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in text.encode())
+
+
+def encode_query(params: Iterable[tuple[str, str]]) -> str:
+    """``?k=v&k2=v2`` from pairs (empty string if none)."""
+    pairs = [f"{quote(key)}={quote(value)}" for key, value in params]
+    return "?" + "&".join(pairs) if pairs else ""
+
+
+def _decode_chunked(body: bytes) -> bytes:
+    out = bytearray()
+    pos = 0
+    while True:
+        end = body.index(b"\r\n", pos)
+        size = int(body[pos:end].split(b";", 1)[0], 16)
+        if size == 0:
+            return bytes(out)
+        out += body[end + 2 : end + 2 + size]
+        pos = end + 2 + size + 2
+
+
+def parse_response(raw: bytes) -> tuple[int, bytes]:
+    """Status and body of a complete HTTP/1.1 response read until the server closed."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        raise ProtocolError("boxvold closed the connection before a complete answer")
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise ProtocolError(f"boxvold answered with something that is not HTTP: {lines[0]!r}")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+        try:
+            body = _decode_chunked(body)
+        except ValueError as exc:
+            raise ProtocolError(f"boxvold sent a malformed chunked body: {exc}") from None
+    elif b"content-length" in headers:
+        length = int(headers[b"content-length"])
+        if len(body) < length:
+            raise ProtocolError("boxvold's answer was cut short")
+        body = body[:length]
+    return int(parts[1]), body
+
+
+class Client:
+    """Talks to one boxvold over its unix socket; every call raises BoxvolError subclasses
+    rebuilt from the daemon's ``{"error": {"code", "message"}}`` answers."""
+
+    def __init__(self, socket_path: str, *, timeout: float = 300.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """Send one request and return the decoded JSON answer; raises on an error status."""
+        payload = b"" if body is None else json.dumps(body).encode()
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: boxvold\r\nConnection: close\r\n"
+            f"Accept: application/json\r\nContent-Length: {len(payload)}\r\n"
+        )
+        if body is not None:
+            head += "Content-Type: application/json\r\n"
+        raw = self._exchange(head.encode() + b"\r\n" + payload)
+        status, data = parse_response(raw)
+        try:
+            decoded = json.loads(data) if data else None
+        except ValueError:
+            raise ProtocolError(f"boxvold answered {status} with a body that is not JSON") from None
+        if status >= 400:
+            error = decoded.get("error") if isinstance(decoded, dict) else None
+            if not isinstance(error, dict):
+                raise ProtocolError(f"boxvold answered {status} without an error body")
+            raise from_code(str(error.get("code")), str(error.get("message")))
+        return decoded
+
+    def _exchange(self, request: bytes) -> bytes:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            try:
+                sock.connect(self.socket_path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise DaemonUnavailable(
+                    f"boxvold is not running (nothing answers on {self.socket_path}); start it "
+                    "with 'boxvol serve' (or 'systemctl start boxvold'), or point BOXVOL_SOCKET "
+                    "at its socket"
+                ) from None
+            except PermissionError:
+                raise DaemonUnavailable(
+                    f"permission denied on {self.socket_path}; run as root or as a member of "
+                    "the socket's group"
+                ) from None
+            sock.sendall(request)
+            chunks = []
+            received = 0
+            while True:
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                received += len(chunk)
+                if received > MAX_RESPONSE_BYTES:
+                    raise ProtocolError("boxvold's answer is larger than any the API sends")
+            return b"".join(chunks)
+        except TimeoutError:
+            raise DaemonUnavailable(
+                f"boxvold did not answer within {self.timeout:.0f}s on {self.socket_path}"
+            ) from None
+        except OSError as exc:
+            if isinstance(exc, BoxvolError):
+                raise
+            raise DaemonUnavailable(
+                f"talking to boxvold on {self.socket_path} failed: {exc}"
+            ) from None
+        finally:
+            sock.close()
+
+    # -- volumes --------------------------------------------------------------------------
+
+    def create_volume(
+        self,
+        name: str | None = None,
+        *,
+        labels: dict[str, str] | None = None,
+        size_bytes: int | None = None,
+        inode_limit: int | None = None,
+        consumer: str | None = None,
+    ) -> dict[str, Any]:
+        """Create a named volume (``name`` given) or an anonymous one."""
+        body: dict[str, Any] = {"labels": labels or {}}
+        for key, value in (
+            ("name", name),
+            ("size_bytes", size_bytes),
+            ("inode_limit", inode_limit),
+            ("consumer", consumer),
+        ):
+            if value is not None:
+                body[key] = value
+        result: dict[str, Any] = self.request("POST", "/v1/volumes", body)
+        return result
+
+    def get_volume(self, ref: str) -> dict[str, Any]:
+        """One volume by name, id or unique id prefix."""
+        result: dict[str, Any] = self.request("GET", f"/v1/volumes/{quote(ref)}")
+        return result
+
+    def list_volumes(self, filters: Iterable[tuple[str, str]] = ()) -> list[dict[str, Any]]:
+        """Volumes passing every filter (``kind``, ``label``, ``name``, ``in_use``,
+        ``dangling``)."""
+        result = self.request("GET", "/v1/volumes" + encode_query(filters))
+        volumes: list[dict[str, Any]] = result["volumes"]
+        return volumes
+
+    def remove_volume(self, ref: str, *, force: bool = False) -> dict[str, Any]:
+        """Remove a volume; refused while in use unless ``force``."""
+        query = "?force=true" if force else ""
+        result: dict[str, Any] = self.request("DELETE", f"/v1/volumes/{quote(ref)}{query}")
+        return result
+
+    def prune(self, *, all_volumes: bool = False) -> dict[str, Any]:
+        """Remove unused anonymous (or, with ``all_volumes``, all unused) volumes."""
+        result: dict[str, Any] = self.request("POST", "/v1/volumes/prune", {"all": all_volumes})
+        return result
+
+    def disk_usage(self) -> dict[str, Any]:
+        """Per-volume usage, totals and host free space."""
+        result: dict[str, Any] = self.request("GET", "/v1/system/df")
+        return result
+
+    def health(self) -> dict[str, Any]:
+        """Liveness and start-up reconciliation report."""
+        result: dict[str, Any] = self.request("GET", "/v1/health")
+        return result
+
+    def version(self) -> dict[str, Any]:
+        """Daemon and API versions."""
+        result: dict[str, Any] = self.request("GET", "/v1/version")
+        return result
+
+
+def ensure_spec_volumes(
+    client: Client, specs: list[Any], *, consumer: str | None = None
+) -> list[dict[str, Any]]:
+    """The volume behind each parsed spec (``volumed.specs.VolumeSpec``), in order.
+
+    A named spec resolves to the same volume every time (created on first use); an
+    anonymous spec creates a fresh volume bound to ``consumer``. All or nothing: if any
+    step fails, the anonymous volumes this call created are removed again.
+    """
+    volumes: list[dict[str, Any]] = []
+    created: list[str] = []
+    try:
+        for spec in specs:
+            if spec.name is None:
+                volume = client.create_volume(consumer=consumer)
+                created.append(volume["id"])
+            else:
+                volume = _get_or_create(client, spec.name)
+            volumes.append(volume)
+    except BoxvolError:
+        for volume_id in created:
+            try:
+                client.remove_volume(volume_id, force=True)
+            except BoxvolError:
+                pass
+        raise
+    return volumes
+
+
+def _get_or_create(client: Client, name: str) -> dict[str, Any]:
+    try:
+        return client.get_volume(name)
+    except NotFound:
+        pass
+    try:
+        return client.create_volume(name)
+    except AlreadyExists:  # created by someone else meanwhile: it is the same volume
+        return client.get_volume(name)

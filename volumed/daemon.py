@@ -1,0 +1,243 @@
+"""boxvold: the service process. Opens the store, reconciles it, and serves the API.
+
+Start-up order: take the home's lock, open and reconcile the store, bind the socket,
+serve, then tell systemd READY=1. Teardown runs in reverse through one AsyncExitStack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import grp
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Iterator, Sequence
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+from volumed import __version__, errors, locations
+from volumed.api import Service, create_app
+from volumed.daemon_options import add_daemon_options, resolve_dirs
+from volumed.store import VolumeStore
+
+log = logging.getLogger(__name__)
+
+SOCKET_MODE = 0o660
+RUNTIME_DIR_MODE = 0o755
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+    """Where boxvold keeps things and who may talk to it."""
+
+    home: str
+    runtime_dir: str
+    #: Group that owns the API socket (mode 0660); None keeps the daemon's own group.
+    socket_group: str | None = None
+
+    @property
+    def socket_path(self) -> str:
+        """The API socket."""
+        return os.path.join(self.runtime_dir, locations.SOCKET_NAME)
+
+
+@contextlib.contextmanager
+def hold_home_lock(home: str) -> Iterator[None]:
+    """Hold ``<home>/boxvold.lock`` so two daemons never share a home."""
+    path = os.path.join(home, "boxvold.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise errors.AlreadyServing(
+                f"another boxvold (pid {holder}) already serves the home {home}; stop it, or "
+                "give this one another home with --home"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def bind_api_socket(path: str, group: str | None) -> socket.socket:
+    """Bind the API socket at ``path`` (0660, group ``group``), replacing a stale one."""
+    if len(path.encode()) > 107:
+        raise errors.InvalidArgument(
+            f"the socket path {path} is longer than the 107 bytes a unix socket allows; "
+            "give a shorter --runtime-dir"
+        )
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise errors.AlreadyServing(
+                f"{path} exists and is not a socket; move it away or use another --runtime-dir"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: left by a daemon that died
+        else:
+            raise errors.AlreadyServing(
+                f"another boxvold is answering on {path}; stop it or use another --runtime-dir"
+            )
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, SOCKET_MODE)
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            sock.close()
+            os.unlink(path)
+            raise errors.InvalidArgument(
+                f"no group {group!r} on this host; create it or give another --socket-group"
+            ) from None
+        os.chown(path, -1, gid)
+    sock.listen(512)
+    sock.setblocking(False)
+    return sock
+
+
+def notify_systemd(message: str) -> None:
+    """Send ``message`` (e.g. ``READY=1``) to systemd if it started us with NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message.encode(), address)
+        except OSError as exc:
+            log.warning("sd_notify failed message=%s error=%s", message, exc)
+
+
+async def serve_boxvold(
+    config: DaemonConfig,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run boxvold until cancelled (or SIGTERM/SIGINT); reports the socket path once serving."""
+    async with contextlib.AsyncExitStack() as stack:
+        os.makedirs(config.home, mode=0o700, exist_ok=True)
+        os.makedirs(config.runtime_dir, mode=RUNTIME_DIR_MODE, exist_ok=True)
+        stack.enter_context(hold_home_lock(config.home))
+        store = await trio.to_thread.run_sync(VolumeStore.open, config.home)
+        stack.callback(store.close)
+        reconciled = await trio.to_thread.run_sync(store.reconcile)
+        service = Service(store, reconciled)
+
+        listener = bind_api_socket(config.socket_path, config.socket_group)
+        stack.callback(_unlink_quietly, config.socket_path)
+        stack.callback(listener.close)
+
+        hconfig = HypercornConfig()
+        hconfig.accesslog = None
+        hconfig.errorlog = logging.getLogger("hypercorn.error")
+        hconfig.keep_alive_timeout = 30
+        hconfig.graceful_timeout = 5
+        app = wrap_app(create_app(service), hconfig.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+        sockets = Sockets(secure_sockets=[], insecure_sockets=[listener], quic_sockets=[])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: worker_serve(
+                    app, hconfig, sockets=sockets, task_status=task_status
+                )
+            )
+            log.info(
+                "boxvold serving version=%s socket=%s home=%s volumes=%d reconciled=%d",
+                __version__,
+                config.socket_path,
+                store.layout.home,
+                len(store.registry.all()),
+                len(reconciled),
+            )
+            notify_systemd("READY=1")
+            task_status.started(config.socket_path)
+            await trio.sleep_forever()
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+async def _run_until_signalled(config: DaemonConfig) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_boxvold, config)
+            async for signum in signals:
+                log.info("boxvold stopping signal=%s", signal.Signals(signum).name)
+                notify_systemd("STOPPING=1")
+                nursery.cancel_scope.cancel()
+                break
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Options of ``boxvold``."""
+    parser = argparse.ArgumentParser(prog="boxvold", description="Serve managed volumes.")
+    add_daemon_options(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> DaemonConfig:
+    """The daemon configuration the parsed options ask for."""
+    home, runtime_dir = resolve_dirs(args)
+    return DaemonConfig(home=home, runtime_dir=runtime_dir, socket_group=args.socket_group)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground; returns the process exit code."""
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = config_from_args(args)
+    failed = False
+    try:
+        trio.run(_run_until_signalled, config)
+    except* errors.BoxvolError as group:
+        for exc in _leaves(group):
+            log.error("%s", exc)
+        failed = True
+    except* PermissionError as group:
+        for exc in _leaves(group):
+            log.error("boxvold cannot use its directories: %s; check --home/--runtime-dir", exc)
+        failed = True
+    return 1 if failed else 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``boxvold``."""
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

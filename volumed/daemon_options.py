@@ -1,0 +1,37 @@
+"""The daemon's command-line options, apart from the daemon so ``boxvol`` can offer
+``serve`` without importing trio and the HTTP stack on every run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from volumed import locations
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def add_daemon_options(parser: argparse.ArgumentParser) -> None:
+    """Add boxvold's options to ``parser`` (shared by ``boxvold`` and ``boxvol serve``)."""
+    parser.add_argument(
+        "--home",
+        help="home directory (default: /var/lib/boxvol as root, "
+        "$XDG_DATA_HOME/boxvol otherwise; or BOXVOL_HOME)",
+    )
+    parser.add_argument(
+        "--runtime-dir",
+        help="runtime directory holding the API socket "
+        "(default: /run/boxvol as root; or BOXVOL_RUNTIME_DIR)",
+    )
+    parser.add_argument("--socket-group", help="group owning the API socket (mode 0660)")
+    parser.add_argument(
+        "--log-level", default=os.environ.get("BOXVOL_LOG_LEVEL", "INFO"), choices=LOG_LEVELS
+    )
+
+
+def resolve_dirs(args: argparse.Namespace) -> tuple[str, str]:
+    """Absolute home and runtime directory the parsed options ask for."""
+    env, euid = os.environ, os.geteuid()
+    home = args.home or locations.default_home(env, euid)
+    runtime_dir = args.runtime_dir or locations.default_runtime_dir(env, euid)
+    return os.path.abspath(home), os.path.abspath(runtime_dir)

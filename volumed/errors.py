@@ -1,0 +1,134 @@
+"""The one error hierarchy of boxvold and its clients.
+
+Lower layers raise these; each edge maps them once: the HTTP API through ``HTTP_STATUS``,
+the CLI to an exit code, FUSE (later) to an errno. Every message is meant for a human: it
+names what was wrong and what to do instead. Imports nothing, so the CLI can use it.
+"""
+
+from __future__ import annotations
+
+
+class BoxvolError(Exception):
+    """Base of every error boxvol reports; ``code`` is the stable machine-readable name."""
+
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(BoxvolError):
+    """A request or argument breaks a documented rule (name, spec, size, label...)."""
+
+    code = "invalid_argument"
+
+
+class HostPathRefused(InvalidArgument):
+    """Something tried to hand boxvol a host path; volumes are referenced by name or id."""
+
+    code = "host_path_refused"
+
+
+class NotFound(BoxvolError):
+    """No volume (or export) answers to the reference."""
+
+    code = "not_found"
+
+
+class Conflict(BoxvolError):
+    """The request contradicts the current state (a name taken, an ambiguous prefix)."""
+
+    code = "conflict"
+
+
+class AlreadyExists(Conflict):
+    """A volume with that name exists already."""
+
+    code = "already_exists"
+
+
+class AmbiguousReference(Conflict):
+    """An id prefix matches more than one volume."""
+
+    code = "ambiguous_reference"
+
+
+class InUse(Conflict):
+    """The volume has live exports; removing it needs ``force``."""
+
+    code = "in_use"
+
+
+class OutsideManagedRoots(BoxvolError):
+    """The gate refused a path: it is not a volume directory boxvold created."""
+
+    code = "outside_managed_roots"
+
+
+class StorageError(BoxvolError):
+    """The host refused a filesystem or registry operation."""
+
+    code = "storage_error"
+
+
+class AlreadyServing(BoxvolError):
+    """Another boxvold already serves this home or socket."""
+
+    code = "already_serving"
+
+
+class DaemonUnavailable(BoxvolError):
+    """The client could not reach boxvold."""
+
+    code = "daemon_unavailable"
+
+
+class ProtocolError(BoxvolError):
+    """boxvold answered with something the client cannot understand."""
+
+    code = "protocol_error"
+
+
+#: Every error class by its code, so a client rebuilds the error a daemon reported.
+BY_CODE: dict[str, type[BoxvolError]] = {
+    cls.code: cls
+    for cls in (
+        BoxvolError,
+        InvalidArgument,
+        HostPathRefused,
+        NotFound,
+        Conflict,
+        AlreadyExists,
+        AmbiguousReference,
+        InUse,
+        OutsideManagedRoots,
+        StorageError,
+        AlreadyServing,
+        DaemonUnavailable,
+        ProtocolError,
+    )
+}
+
+#: The HTTP status each error class is answered with (most specific class first wins).
+HTTP_STATUS: tuple[tuple[type[BoxvolError], int], ...] = (
+    (InvalidArgument, 422),
+    (NotFound, 404),
+    (Conflict, 409),
+    (OutsideManagedRoots, 500),
+    (StorageError, 500),
+    (BoxvolError, 500),
+)
+
+
+def http_status(error: BoxvolError) -> int:
+    """The HTTP status an error is reported with."""
+    for cls, status in HTTP_STATUS:
+        if isinstance(error, cls):
+            return status
+    return 500
+
+
+def from_code(code: str, message: str) -> BoxvolError:
+    """Rebuild an error reported by the daemon as ``{"code", "message"}``."""
+    return BY_CODE.get(code, BoxvolError)(message)

@@ -1,0 +1,64 @@
+"""Where boxvold keeps its home and runtime directory, and where clients find its socket.
+
+Pure: every function takes the environment and effective uid it decides by. Uses only
+``os.path`` (not pathlib) because the CLI resolves the socket on every run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+SOCKET_NAME = "boxvold.sock"
+SYSTEM_HOME = "/var/lib/boxvol"
+SYSTEM_RUNTIME_DIR = "/run/boxvol"
+
+
+def default_home(env: Mapping[str, str], euid: int) -> str:
+    """``BOXVOL_HOME``, else /var/lib/boxvol for root, else $XDG_DATA_HOME/boxvol."""
+    if env.get("BOXVOL_HOME"):
+        return env["BOXVOL_HOME"]
+    if euid == 0:
+        return SYSTEM_HOME
+    data_home = env.get("XDG_DATA_HOME") or os.path.join(
+        env.get("HOME") or os.path.expanduser("~"), ".local", "share"
+    )
+    return os.path.join(data_home, "boxvol")
+
+
+def default_runtime_dir(env: Mapping[str, str], euid: int) -> str:
+    """``BOXVOL_RUNTIME_DIR``, else /run/boxvol for root, else $XDG_RUNTIME_DIR/boxvol."""
+    if env.get("BOXVOL_RUNTIME_DIR"):
+        return env["BOXVOL_RUNTIME_DIR"]
+    if euid == 0:
+        return SYSTEM_RUNTIME_DIR
+    runtime = env.get("XDG_RUNTIME_DIR") or os.path.join("/tmp", f"boxvol-{euid}")
+    return os.path.join(runtime, "boxvol")
+
+
+def socket_path(env: Mapping[str, str], euid: int, runtime_dir: str | None = None) -> str:
+    """The API socket a client talks to: ``BOXVOL_SOCKET`` or ``<runtime>/boxvold.sock``."""
+    if runtime_dir is None and env.get("BOXVOL_SOCKET"):
+        return env["BOXVOL_SOCKET"]
+    return os.path.join(runtime_dir or default_runtime_dir(env, euid), SOCKET_NAME)
+
+
+class Layout:
+    """The directories under a home that boxvold owns (all created 0700)."""
+
+    __slots__ = ("anonymous", "home", "named", "quarantine", "registry", "trash", "volumes")
+
+    def __init__(self, home: str) -> None:
+        self.home = home
+        self.volumes = os.path.join(home, "volumes")
+        self.named = os.path.join(self.volumes, "named")
+        self.anonymous = os.path.join(self.volumes, "anonymous")
+        #: Volume directories whose removal is under way (renamed here first, atomically).
+        self.trash = os.path.join(home, "trash")
+        #: Entries found under the managed roots that cannot be adopted; never deleted.
+        self.quarantine = os.path.join(home, "quarantine")
+        self.registry = os.path.join(home, "registry.sqlite3")
+
+    def root(self, kind: str) -> str:
+        """The managed root of a volume kind (``named`` or ``anonymous``)."""
+        return self.named if kind == "named" else self.anonymous

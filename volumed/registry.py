@@ -1,0 +1,189 @@
+"""The embedded registry: volume and export records in SQLite under home.
+
+Never inside a volume directory, where a guest could touch it. WAL journal, one writer:
+every method takes the registry's lock, so the daemon may call it from worker threads.
+Blocking: every method does disk I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+
+from volumed.errors import AlreadyExists, StorageError
+from volumed.model import Volume
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS volumes (
+    id          TEXT PRIMARY KEY,
+    name        TEXT UNIQUE,
+    kind        TEXT NOT NULL CHECK (kind IN ('named', 'anonymous')),
+    created_at  TEXT NOT NULL,
+    labels      TEXT NOT NULL DEFAULT '{}',
+    size_bytes  INTEGER,
+    inode_limit INTEGER,
+    consumer    TEXT,
+    CHECK ((kind = 'named') = (name IS NOT NULL))
+);
+CREATE TABLE IF NOT EXISTS exports (
+    id          TEXT PRIMARY KEY,
+    volume_id   TEXT NOT NULL REFERENCES volumes(id),
+    kind        TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    spec        TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS exports_by_volume ON exports(volume_id);
+"""
+_COLUMNS = "id, name, kind, created_at, labels, size_bytes, inode_limit, consumer"
+
+
+def _row_to_volume(row: tuple[object, ...]) -> Volume:
+    vid, name, kind, created_at, labels, size_bytes, inode_limit, consumer = row
+    return Volume(
+        id=str(vid),
+        name=name if isinstance(name, str) else None,
+        kind="named" if kind == "named" else "anonymous",
+        created_at=str(created_at),
+        labels=json.loads(str(labels)),
+        size_bytes=size_bytes if isinstance(size_bytes, int) else None,
+        inode_limit=inode_limit if isinstance(inode_limit, int) else None,
+        consumer=consumer if isinstance(consumer, str) else None,
+    )
+
+
+class Registry:
+    """Volume records with their export counts; the single source of truth for names."""
+
+    _db: sqlite3.Connection
+    _lock: threading.Lock
+
+    def __init__(self, path: str) -> None:
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL keeps the database consistent across a crash; a create lost with the last
+            # transactions leaves a directory without a row, which reconciliation adopts.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise StorageError(
+                f"cannot open the registry {path}: {exc}; check that the home directory is "
+                "writable and not used by another boxvold"
+            ) from exc
+        self._lock = threading.Lock()
+        self.path = path
+
+    def close(self) -> None:
+        """Close the database (checkpointing the WAL)."""
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def inserting(self, volume: Volume) -> Iterator[None]:
+        """Insert ``volume`` and commit only if the body (e.g. its mkdir) succeeds.
+
+        Holds the writer lock for the whole body, so a concurrent create of the same name
+        either sees this row or waits for its rollback.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                try:
+                    self._db.execute(
+                        f"INSERT INTO volumes ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            volume.id,
+                            volume.name,
+                            volume.kind,
+                            volume.created_at,
+                            json.dumps(volume.labels, sort_keys=True),
+                            volume.size_bytes,
+                            volume.inode_limit,
+                            volume.consumer,
+                        ),
+                    )
+                except sqlite3.IntegrityError:
+                    raise AlreadyExists(
+                        f"a volume named {volume.name!r} already exists; pick another name or "
+                        f"remove it first with 'boxvol rm {volume.name}'"
+                    ) from None
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def deleting(self, volume_id: str) -> Iterator[None]:
+        """Delete a volume's row and its export rows; commit only if the body succeeds."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM exports WHERE volume_id = ?", (volume_id,))
+                self._db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def by_id(self, volume_id: str) -> Volume | None:
+        """The volume with exactly this id (case-insensitive), if any."""
+        return self._one("WHERE id = ?", (volume_id.upper(),))
+
+    def by_name(self, name: str) -> Volume | None:
+        """The named volume called ``name``, if any."""
+        return self._one("WHERE name = ?", (name,))
+
+    def by_id_prefix(self, prefix: str, limit: int = 2) -> list[Volume]:
+        """Up to ``limit`` volumes whose id starts with ``prefix`` (case-insensitive)."""
+        upper = prefix.upper()
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM volumes WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
+                (upper, upper + "\x7f", limit),
+            ).fetchall()
+        return [_row_to_volume(row) for row in rows]
+
+    def all(self, kind: str | None = None) -> list[Volume]:
+        """Every volume (of one kind if given), oldest first."""
+        where, args = ("WHERE kind = ?", (kind,)) if kind else ("", ())
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM volumes {where} ORDER BY id", args
+            ).fetchall()
+        return [_row_to_volume(row) for row in rows]
+
+    def export_counts(self) -> dict[str, int]:
+        """Live export count per volume id (volumes without exports are absent)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT volume_id, COUNT(*) FROM exports GROUP BY volume_id"
+            ).fetchall()
+        return {str(vid): int(count) for vid, count in rows}
+
+    def add_export(
+        self, export_id: str, volume_id: str, kind: str, created_at: str, spec: dict[str, object]
+    ) -> None:
+        """Record a live export of a volume (which makes the volume "in use")."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO exports (id, volume_id, kind, created_at, spec) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (export_id, volume_id, kind, created_at, json.dumps(spec, sort_keys=True)),
+            )
+
+    def _one(self, where: str, args: tuple[object, ...]) -> Volume | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM volumes {where}", args).fetchone()
+        return _row_to_volume(row) if row else None

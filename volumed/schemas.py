@@ -1,0 +1,198 @@
+"""Request and response shapes of the HTTP API, and the refusal of host-path fields.
+
+Requests forbid unknown fields; a field that looks like a host path is refused by name
+before anything else, because boxvol references volumes by name or id only. Responses are
+declared here for the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+#: Field names a client might use to smuggle a host path in; refused wherever they appear.
+HOST_PATH_FIELDS = frozenset(
+    {
+        "host_path",
+        "hostpath",
+        "path",
+        "paths",
+        "source",
+        "src",
+        "source_path",
+        "mountpoint",
+        "mount_point",
+        "mount",
+        "device",
+        "dev",
+        "dir",
+        "directory",
+        "bind",
+        "binds",
+        "bind_path",
+        "host",
+        "file",
+        "filename",
+        "location",
+        "root",
+        "volume_path",
+        "data_dir",
+    }
+)
+HOST_PATH_MESSAGE = (
+    "field {field!r} looks like a host path, and boxvol never takes one: volumes are "
+    "referenced by name or id. Create a volume with 'boxvol create NAME' and refer to it"
+)
+
+
+def refuse_host_path_fields(keys: Any) -> None:
+    """Raise the ``host_path_refused`` validation error if any key names a host path."""
+    for key in keys:
+        if isinstance(key, str) and key.lower() in HOST_PATH_FIELDS:
+            raise PydanticCustomError("host_path_refused", HOST_PATH_MESSAGE, {"field": key})
+
+
+class Request(BaseModel):
+    """Base of every request body: strict about unknown and host-path fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_host_paths(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            refuse_host_path_fields(data.keys())
+        return data
+
+
+class CreateVolume(Request):
+    """Create a named volume (``name`` given) or an anonymous one."""
+
+    name: str | None = Field(None, description="Volume name; omit for an anonymous volume.")
+    labels: dict[str, str] = Field(default_factory=dict)
+    size_bytes: int | None = Field(None, description="Hard size cap in bytes (enforced later).")
+    inode_limit: int | None = Field(None, description="Inode cap (enforced later).")
+    consumer: str | None = Field(None, description="Who an anonymous volume belongs to.")
+
+
+class PruneVolumes(Request):
+    """Remove unused volumes: anonymous ones, or every unused one with ``all``."""
+
+    all: bool = False
+
+
+class VolumeOut(BaseModel):
+    """A volume as the API reports it; there is deliberately no host path in it."""
+
+    id: str
+    name: str | None
+    kind: Literal["named", "anonymous"]
+    created_at: str
+    labels: dict[str, str]
+    size_bytes: int | None
+    inode_limit: int | None
+    consumer: str | None
+    in_use: bool
+    exports: int
+
+
+class VolumeList(BaseModel):
+    """Listing answer."""
+
+    volumes: list[VolumeOut]
+
+
+class RemovedVolume(BaseModel):
+    """What a removal took away."""
+
+    id: str
+    name: str | None
+    kind: Literal["named", "anonymous"]
+
+
+class RemoveAnswer(BaseModel):
+    """Answer to a delete."""
+
+    removed: RemovedVolume
+
+
+class PruneAnswer(BaseModel):
+    """Answer to a prune."""
+
+    removed: list[RemovedVolume]
+    reclaimed_bytes: int
+
+
+class VolumeUsage(BaseModel):
+    """Space one volume takes."""
+
+    id: str
+    name: str | None
+    kind: Literal["named", "anonymous"]
+    bytes: int
+    inodes: int
+    in_use: bool
+
+
+class UsageTotals(BaseModel):
+    """Sums over every volume."""
+
+    volumes: int
+    bytes: int
+    inodes: int
+
+
+class HostSpace(BaseModel):
+    """Room left on the filesystem that holds the home."""
+
+    total_bytes: int
+    free_bytes: int
+    total_inodes: int
+    free_inodes: int
+
+
+class DiskUsage(BaseModel):
+    """Answer of ``/v1/system/df``."""
+
+    volumes: list[VolumeUsage]
+    totals: UsageTotals
+    host: HostSpace
+
+
+class ReconcileEntry(BaseModel):
+    """One repair made at start-up."""
+
+    action: str
+    kind: str
+    key: str
+    detail: str
+
+
+class Health(BaseModel):
+    """Answer of ``/v1/health``."""
+
+    status: Literal["ok"]
+    volumes: int
+    reconciled: list[ReconcileEntry]
+
+
+class Version(BaseModel):
+    """Answer of ``/v1/version``."""
+
+    version: str
+    api_version: str
+
+
+class ErrorBody(BaseModel):
+    """``{"code", "message"}`` of every error answer."""
+
+    code: str
+    message: str
+
+
+class ErrorAnswer(BaseModel):
+    """Every error is answered as ``{"error": {...}}``."""
+
+    error: ErrorBody

@@ -1,0 +1,491 @@
+"""The volume store: creates, finds, lists, removes and measures managed volumes.
+
+It owns the directories under the managed roots and keeps them in step with the registry:
+every create and remove is all-or-nothing across row and directory. Directories are only
+ever touched relative to root directory fds opened once, and volume data is reached only
+through the gate. Blocking: every public method does disk I/O; the daemon calls them from
+worker threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import shutil
+import stat
+
+from ulid import ULID
+
+from volumed.errors import (
+    AmbiguousReference,
+    BoxvolError,
+    Conflict,
+    HostPathRefused,
+    InUse,
+    InvalidArgument,
+    NotFound,
+    OutsideManagedRoots,
+    StorageError,
+)
+from volumed.gate import volume_directory
+from volumed.locations import Layout
+from volumed.model import KINDS, Volume, VolumeKind
+from volumed.names import check_labels, check_name, is_id_prefix, is_volume_id
+from volumed.registry import Registry
+from volumed.sizes import check_inodes, check_size
+
+log = logging.getLogger(__name__)
+
+DIR_MODE = 0o700
+MAX_CONSUMER_BYTES = 256
+
+
+def utc_now() -> str:
+    """The current time as RFC 3339 UTC, as records store it."""
+    return (
+        datetime.datetime.now(datetime.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VolumeState:
+    """A volume with its live export count, as listings report it."""
+
+    volume: Volume
+    exports: int
+
+    @property
+    def in_use(self) -> bool:
+        """True while the volume has live exports."""
+        return self.exports > 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListFilter:
+    """Which volumes a listing keeps; every given criterion must hold."""
+
+    kind: VolumeKind | None = None
+    #: (key, value) pairs; a value of None matches any value of the key.
+    labels: tuple[tuple[str, str | None], ...] = ()
+    name_contains: str | None = None
+    in_use: bool | None = None
+
+    def matches(self, state: VolumeState) -> bool:
+        """True if ``state`` passes every criterion."""
+        volume = state.volume
+        if self.kind is not None and volume.kind != self.kind:
+            return False
+        if self.in_use is not None and state.in_use != self.in_use:
+            return False
+        if self.name_contains is not None and self.name_contains not in volume.key:
+            return False
+        for key, value in self.labels:
+            if key not in volume.labels or (value is not None and volume.labels[key] != value):
+                return False
+        return True
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Usage:
+    """Space and inodes a volume directory takes (hard links counted once)."""
+
+    bytes: int
+    inodes: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReconcileAction:
+    """One repair made when the registry and the disk disagreed at start-up."""
+
+    action: str
+    kind: str
+    key: str
+    detail: str
+
+
+def _open_dir(path: str) -> int:
+    # Readable (not O_PATH): reconciliation lists these directories through the fd.
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _ensure_private_dir(path: str) -> None:
+    os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StorageError(f"{path} is not a directory; move it away and start boxvold again")
+    if stat.S_IMODE(st.st_mode) != DIR_MODE:
+        os.chmod(path, DIR_MODE)
+
+
+class VolumeStore:
+    """Managed volumes under one home."""
+
+    layout: Layout
+    registry: Registry
+    _root_fds: dict[str, int]
+    _trash_fd: int
+    _quarantine_fd: int
+
+    def __init__(self, layout: Layout, registry: Registry) -> None:
+        self.layout = layout
+        self.registry = registry
+        self._root_fds = {kind: _open_dir(layout.root(kind)) for kind in KINDS}
+        self._trash_fd = _open_dir(layout.trash)
+        self._quarantine_fd = _open_dir(layout.quarantine)
+
+    @classmethod
+    def open(cls, home: str) -> VolumeStore:
+        """Create (0700) or open the home's layout and registry."""
+        layout = Layout(os.path.realpath(home))
+        try:
+            for path in (
+                layout.home,
+                layout.volumes,
+                layout.named,
+                layout.anonymous,
+                layout.trash,
+                layout.quarantine,
+            ):
+                _ensure_private_dir(path)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot prepare the boxvol home {home}: {exc}; give boxvold a home it can "
+                "write (--home or BOXVOL_HOME)"
+            ) from exc
+        return cls(layout, Registry(layout.registry))
+
+    def close(self) -> None:
+        """Release the root fds and the registry."""
+        for fd in (*self._root_fds.values(), self._trash_fd, self._quarantine_fd):
+            os.close(fd)
+        self.registry.close()
+
+    # -- create -------------------------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        name: str | None = None,
+        labels: dict[str, str] | None = None,
+        size_bytes: int | None = None,
+        inode_limit: int | None = None,
+        consumer: str | None = None,
+    ) -> Volume:
+        """Create a named volume (``name`` given) or an anonymous one, all or nothing."""
+        if name is not None:
+            check_name(name)
+        check_labels(labels or {})
+        if size_bytes is not None:
+            check_size(size_bytes)
+        if inode_limit is not None:
+            check_inodes(inode_limit)
+        if consumer is not None and (not consumer or len(consumer.encode()) > MAX_CONSUMER_BYTES):
+            raise InvalidArgument(
+                f"invalid consumer {consumer!r}: give a non-empty label of at most "
+                f"{MAX_CONSUMER_BYTES} bytes"
+            )
+        volume = Volume(
+            id=str(ULID()),
+            kind="named" if name is not None else "anonymous",
+            created_at=utc_now(),
+            name=name,
+            labels=dict(labels or {}),
+            size_bytes=size_bytes,
+            inode_limit=inode_limit,
+            consumer=consumer,
+        )
+        root_fd = self._root_fds[volume.kind]
+        made = False
+        try:
+            with self.registry.inserting(volume):
+                try:
+                    os.mkdir(volume.key, DIR_MODE, dir_fd=root_fd)
+                except FileExistsError:
+                    raise Conflict(
+                        f"a directory for volume {volume.key!r} exists without a registry "
+                        "record; restart boxvold so it reconciles (it adopts the directory)"
+                    ) from None
+                made = True
+                # mkdir honours the umask; the mode must be exactly 0700 whatever it is.
+                fd = os.open(
+                    volume.key, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd
+                )
+                try:
+                    os.fchmod(fd, DIR_MODE)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            if made:
+                self._rmdir_quietly(volume.key, root_fd)
+            raise StorageError(f"cannot create volume {volume.key!r}: {exc}") from exc
+        except BaseException:
+            if made:
+                self._rmdir_quietly(volume.key, root_fd)
+            raise
+        log.info("volume created id=%s name=%s kind=%s", volume.id, volume.name, volume.kind)
+        return volume
+
+    def _rmdir_quietly(self, key: str, root_fd: int) -> None:
+        try:
+            os.rmdir(key, dir_fd=root_fd)
+        except OSError as exc:  # pragma: no cover - reported, reconciliation finishes it
+            log.error("cleanup failed key=%s error=%s", key, exc)
+
+    # -- lookup -------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> Volume:
+        """The volume a reference names: a name, an id, or a unique id prefix."""
+        if not ref:
+            raise InvalidArgument("empty volume reference: give a volume name or id")
+        if "/" in ref or ref.startswith((".", "~")):
+            raise HostPathRefused(
+                f"{ref!r} looks like a path: volumes are referenced by name or id, never by "
+                "path; list them with 'boxvol ls'"
+            )
+        volume = self.registry.by_name(ref)
+        if volume is None and is_volume_id(ref):
+            volume = self.registry.by_id(ref)
+        if volume is None and is_id_prefix(ref):
+            matches = self.registry.by_id_prefix(ref)
+            if len(matches) > 1:
+                raise AmbiguousReference(
+                    f"{ref!r} is the start of several volume ids; give more characters"
+                )
+            volume = matches[0] if matches else None
+        if volume is None:
+            raise NotFound(
+                f"no volume named {ref!r} or with that id; list volumes with 'boxvol ls'"
+            )
+        return volume
+
+    def state(self, ref: str) -> VolumeState:
+        """The volume a reference names, with its export count."""
+        volume = self.resolve(ref)
+        return VolumeState(volume, self.registry.export_counts().get(volume.id, 0))
+
+    def list_volumes(self, where: ListFilter | None = None) -> list[VolumeState]:
+        """Volumes passing ``where``, oldest first."""
+        where = where or ListFilter()
+        counts = self.registry.export_counts()
+        states = (
+            VolumeState(volume, counts.get(volume.id, 0))
+            for volume in self.registry.all(where.kind)
+        )
+        return [state for state in states if where.matches(state)]
+
+    # -- remove -------------------------------------------------------------------------
+
+    def remove(self, ref: str, *, force: bool = False) -> Volume:
+        """Remove a volume and its data; refused while in use unless ``force``.
+
+        The directory is first renamed into the trash (atomic), then the row goes, then the
+        trash entry is deleted; a crash in between leaves trash that reconciliation clears.
+        """
+        state = self.state(ref)
+        volume = state.volume
+        if state.in_use and not force:
+            raise InUse(
+                f"volume {volume.key!r} is in use by {state.exports} export(s); stop what uses "
+                f"it, or remove it anyway with 'boxvol rm -f {volume.key}'"
+            )
+        present = self._present(volume)
+        root_fd = self._root_fds[volume.kind]
+        moved = False
+        try:
+            with self.registry.deleting(volume.id):
+                if present:
+                    os.rename(volume.key, volume.id, src_dir_fd=root_fd, dst_dir_fd=self._trash_fd)
+                    moved = True
+        except OSError as exc:
+            raise StorageError(f"cannot remove volume {volume.key!r}: {exc}") from exc
+        except BaseException:
+            if moved:
+                os.rename(volume.id, volume.key, src_dir_fd=self._trash_fd, dst_dir_fd=root_fd)
+            raise
+        if moved:
+            self._empty_trash_entry(volume.id)
+        log.info("volume removed id=%s name=%s kind=%s", volume.id, volume.name, volume.kind)
+        return volume
+
+    def _present(self, volume: Volume) -> bool:
+        """True if the volume's directory is there; False if missing; raise if tampered."""
+        try:
+            volume_directory(self.layout, volume)
+        except OutsideManagedRoots:
+            try:
+                os.lstat(volume.key, dir_fd=self._root_fds[volume.kind])
+            except FileNotFoundError:
+                log.warning("volume directory missing id=%s key=%s", volume.id, volume.key)
+                return False
+            raise
+        return True
+
+    def _empty_trash_entry(self, entry: str) -> None:
+        try:
+            shutil.rmtree(entry, dir_fd=self._trash_fd)
+        except OSError as exc:
+            log.error("trash cleanup failed entry=%s error=%s", entry, exc)
+
+    def prune(self, *, all_volumes: bool = False) -> tuple[list[Volume], int]:
+        """Remove unused anonymous volumes (every unused volume with ``all_volumes``).
+
+        Returns the removed volumes and the bytes they took.
+        """
+        where = ListFilter(kind=None if all_volumes else "anonymous", in_use=False)
+        removed: list[Volume] = []
+        reclaimed = 0
+        for state in self.list_volumes(where):
+            try:
+                size = self.usage(state.volume).bytes
+                removed.append(self.remove(state.volume.id))
+            except (NotFound, InUse):
+                continue  # removed or taken into use meanwhile
+            reclaimed += size
+        return removed, reclaimed
+
+    # -- usage --------------------------------------------------------------------------
+
+    def usage(self, volume: Volume) -> Usage:
+        """Bytes (allocated blocks) and inodes under a volume directory."""
+        try:
+            directory = volume_directory(self.layout, volume)
+        except OutsideManagedRoots:
+            return Usage(0, 0)
+        seen: set[int] = set()
+        total_bytes = 0
+        inodes = 0
+        try:
+            for _dirpath, dirnames, filenames, dir_fd in os.fwalk(directory):
+                st = os.fstat(dir_fd)
+                total_bytes += st.st_blocks * 512
+                inodes += 1
+                for entry in (*filenames, *(d for d in dirnames if _is_symlink(d, dir_fd))):
+                    try:
+                        st = os.lstat(entry, dir_fd=dir_fd)
+                    except FileNotFoundError:
+                        continue
+                    if st.st_nlink > 1:
+                        if st.st_ino in seen:
+                            continue
+                        seen.add(st.st_ino)
+                    total_bytes += st.st_blocks * 512
+                    inodes += 1
+        except OSError as exc:
+            log.warning("usage walk failed id=%s error=%s", volume.id, exc)
+        return Usage(total_bytes, inodes)
+
+    def host_space(self) -> dict[str, int]:
+        """Free and total bytes and inodes of the filesystem that holds the home."""
+        st = os.statvfs(self.layout.home)
+        return {
+            "total_bytes": st.f_blocks * st.f_frsize,
+            "free_bytes": st.f_bavail * st.f_frsize,
+            "total_inodes": st.f_files,
+            "free_inodes": st.f_favail,
+        }
+
+    # -- reconciliation -----------------------------------------------------------------
+
+    def reconcile(self) -> list[ReconcileAction]:
+        """Bring registry and disk back in step after a crash or outside meddling.
+
+        The rule (docs/registry.md): finish removals left in the trash; a record whose
+        directory is missing gets an empty directory again (its data is already gone); a
+        record whose directory was replaced by something else has that thing quarantined
+        and an empty directory made; a directory without a record is adopted when its name
+        is a valid volume name (named) or id (anonymous), and quarantined otherwise. Data is
+        never deleted except what a removal had already taken.
+        """
+        actions: list[ReconcileAction] = []
+        for entry in os.listdir(self._trash_fd):
+            self._empty_trash_entry(entry)
+            actions.append(
+                ReconcileAction(
+                    "finished-removal",
+                    "trash",
+                    entry,
+                    "a removal was interrupted; its data was deleted",
+                )
+            )
+        records = {(v.kind, v.key): v for v in self.registry.all()}
+        for (kind, key), volume in records.items():
+            root_fd = self._root_fds[kind]
+            try:
+                volume_directory(self.layout, volume)
+                continue
+            except OutsideManagedRoots:
+                pass
+            try:
+                os.lstat(key, dir_fd=root_fd)
+                self._quarantine(kind, key)
+                detail = "its directory was replaced; the replacement was quarantined"
+            except FileNotFoundError:
+                detail = "its directory was missing"
+            os.mkdir(key, DIR_MODE, dir_fd=root_fd)
+            actions.append(
+                ReconcileAction(
+                    "recreated-empty", kind, key, detail + "; an empty directory was made"
+                )
+            )
+        for kind in KINDS:
+            root_fd = self._root_fds[kind]
+            for entry in os.listdir(root_fd):
+                if (kind, entry) in records:
+                    continue
+                actions.append(self._adopt_or_quarantine(kind, entry, root_fd))
+        for action in actions:
+            log.warning(
+                "reconcile action=%s kind=%s key=%s detail=%s",
+                action.action,
+                action.kind,
+                action.key,
+                action.detail,
+            )
+        return actions
+
+    def _adopt_or_quarantine(self, kind: VolumeKind, entry: str, root_fd: int) -> ReconcileAction:
+        st = os.lstat(entry, dir_fd=root_fd)
+        valid = is_volume_id(entry) if kind == "anonymous" else _valid_name(entry)
+        if valid and stat.S_ISDIR(st.st_mode):
+            volume = Volume(
+                id=entry.upper() if kind == "anonymous" else str(ULID()),
+                kind=kind,
+                created_at=utc_now(),
+                name=entry if kind == "named" else None,
+                labels={"boxvol.adopted": utc_now()},
+            )
+            if kind == "anonymous" and entry != volume.id:
+                os.rename(entry, volume.id, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+            with self.registry.inserting(volume):
+                pass
+            return ReconcileAction(
+                "adopted", kind, entry, f"a directory without a record became volume {volume.id}"
+            )
+        where = self._quarantine(kind, entry)
+        return ReconcileAction(
+            "quarantined", kind, entry, f"not a volume directory; moved to {where}"
+        )
+
+    def _quarantine(self, kind: str, entry: str) -> str:
+        target = f"{kind}-{entry}-{utc_now()}"
+        os.rename(entry, target, src_dir_fd=self._root_fds[kind], dst_dir_fd=self._quarantine_fd)
+        return os.path.join(self.layout.quarantine, target)
+
+
+def _is_symlink(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
+
+
+def _valid_name(entry: str) -> bool:
+    try:
+        check_name(entry)
+    except BoxvolError:
+        return False
+    return True
