@@ -7,7 +7,10 @@ Pure: every function takes the environment and effective uid it decides by. Uses
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy honours the name
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 SOCKET_NAME = "boxvold.sock"
 SYSTEM_HOME = "/var/lib/boxvol"
