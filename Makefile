@@ -29,8 +29,8 @@ $(STAMP)/venv: $(STAMP)/apt pyproject.toml
 	@touch $@
 
 lint: setup
-	$(BIN)/ruff check volumed vmdriver cli tests bench
-	$(BIN)/ruff format --check volumed vmdriver cli tests bench
+	$(BIN)/ruff check volumed vmdriver cli tests bench demo
+	$(BIN)/ruff format --check volumed vmdriver cli tests bench demo
 
 typecheck: setup
 	$(BIN)/mypy
@@ -42,7 +42,7 @@ integration: setup
 	$(BIN)/pytest -q tests/integration
 
 test: setup
-	$(BIN)/ruff check volumed vmdriver cli tests bench
+	$(BIN)/ruff check volumed vmdriver cli tests bench demo
 	$(BIN)/mypy
 	$(BIN)/python -m volumed.openapi --check docs/openapi.json
 	$(BIN)/pytest -q

@@ -240,13 +240,13 @@ def create_app(service: Service) -> FastAPI:
         states = await service.read(store.list_volumes, where)
         return json_response({"volumes": [volume_json(state) for state in states]})
 
-    @app.get("/v1/volumes/{ref}", response_model=VolumeOut)
+    @app.get("/v1/volumes/{ref:path}", response_model=VolumeOut)
     async def get_volume(request: Request, ref: str) -> Response:
         """One volume by name, id or unique id prefix."""
         check_query(request, ())
         return json_response(volume_json(await service.read(store.state, ref)))
 
-    @app.delete("/v1/volumes/{ref}", response_model=RemoveAnswer)
+    @app.delete("/v1/volumes/{ref:path}", response_model=RemoveAnswer)
     async def remove_volume(request: Request, ref: str, force: bool = False) -> Response:
         """Remove a volume and its data; refused (409) while in use unless ``force``."""
         check_query(request, ("force",))

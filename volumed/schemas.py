@@ -42,7 +42,7 @@ HOST_PATH_FIELDS = frozenset(
     }
 )
 HOST_PATH_MESSAGE = (
-    "field {field!r} looks like a host path, and boxvol never takes one: volumes are "
+    "field '{field}' looks like a host path, and boxvol never takes one: volumes are "
     "referenced by name or id. Create a volume with 'boxvol create NAME' and refer to it"
 )
 

@@ -1,0 +1,36 @@
+"""Fixtures shared by every test layer: each test gets its own home and runtime dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A fresh boxvol home (not yet created: the code under test makes it)."""
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def runtime_dir() -> Iterator[Path]:
+    """A fresh, short runtime dir: unix socket paths must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="bv-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No BOXVOL_* variables leak from the caller's environment into a test."""
+    for key in list(os.environ):
+        if key.startswith("BOXVOL_"):
+            monkeypatch.delenv(key)

@@ -1,0 +1,98 @@
+"""boxvold as a process: exclusivity, stale sockets, restart reconciliation, shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Daemon
+
+
+def test_sigterm_exits_cleanly_and_removes_the_socket(home: Path, runtime_dir: Path) -> None:
+    daemon = Daemon(home, runtime_dir)
+    daemon.start()
+    assert daemon.socket.exists()
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert not daemon.socket.exists()
+    daemon.start()
+    assert daemon.stop(signal.SIGINT) == 0
+
+
+def test_second_daemon_on_one_home_is_refused(daemon: Daemon, tmp_path: Path) -> None:
+    other_runtime = Path(str(daemon.runtime_dir) + "-b")
+    second = Daemon(daemon.home, other_runtime)
+    with pytest.raises(AssertionError, match="already serves the home"):
+        second.start()
+    assert second.process is not None
+    assert second.process.returncode == 1
+    assert daemon.client().health()["status"] == "ok"
+
+
+def test_second_daemon_on_one_socket_is_refused(daemon: Daemon, tmp_path: Path) -> None:
+    second = Daemon(tmp_path / "other" / "home", daemon.runtime_dir)
+    with pytest.raises(AssertionError, match="another boxvold is answering"):
+        second.start()
+    assert second.process is not None
+    assert second.process.returncode == 1
+    assert daemon.client().health()["status"] == "ok"
+
+
+def test_stale_socket_after_a_crash_is_replaced(home: Path, runtime_dir: Path) -> None:
+    daemon = Daemon(home, runtime_dir)
+    daemon.start()
+    daemon.client().create_volume("survivor")
+    daemon.stop(signal.SIGKILL)
+    assert daemon.socket.exists()  # left behind by the crash
+    daemon.start()
+    try:
+        assert daemon.client().get_volume("survivor")["name"] == "survivor"
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_restart_reconciles_registry_and_disk(home: Path, runtime_dir: Path) -> None:
+    daemon = Daemon(home, runtime_dir)
+    daemon.start()
+    client = daemon.client()
+    client.create_volume("lost")
+    client.create_volume("kept")
+    assert daemon.stop() == 0
+
+    named = home / "volumes" / "named"
+    os.rmdir(named / "lost")
+    (named / "found").mkdir()
+    (named / "found" / "data").write_text("hello")
+    (named / "-bad").mkdir()
+
+    daemon.start()
+    try:
+        health = client.health()
+        actions = {(a["action"], a["key"]) for a in health["reconciled"]}
+        assert actions == {
+            ("recreated-empty", "lost"),
+            ("adopted", "found"),
+            ("quarantined", "-bad"),
+        }
+        assert client.get_volume("found")["labels"]["boxvol.adopted"]
+        assert (named / "found" / "data").read_text() == "hello"
+        assert sorted(v["name"] for v in client.list_volumes()) == ["found", "kept", "lost"]
+        assert "reconcile action=adopted kind=named key=found" in daemon.log.read_text()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_socket_group(home: Path, runtime_dir: Path) -> None:
+    daemon = Daemon(home, runtime_dir)
+    daemon.start("--socket-group", "daemon")
+    try:
+        import grp
+
+        assert daemon.socket.stat().st_gid == grp.getgrnam("daemon").gr_gid
+    finally:
+        assert daemon.stop() == 0
+    with pytest.raises(AssertionError, match="no group 'no-such-group'"):
+        daemon.start("--socket-group", "no-such-group")
+    assert not daemon.socket.exists()
