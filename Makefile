@@ -6,8 +6,8 @@ BIN := $(VENV)/bin
 STAMP := .stamps
 
 # Debian packages: FUSE and libvirt headers to build pyfuse3 and libvirt-python, podman and
-# hyperfine for the CLI start-up benchmark.
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config libvirt-dev gcc python3-dev podman hyperfine
+# hyperfine for the CLI start-up benchmark, systemd for `systemd-analyze verify` of our units.
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config libvirt-dev gcc python3-dev podman hyperfine systemd
 
 .PHONY: setup test lint typecheck unit integration demo bench openapi clean
 

@@ -166,7 +166,7 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
         answer = sys.stdin.readline().strip().lower()
         if answer not in ("y", "yes"):
             sys.stderr.write("\nnothing removed (give -f to prune without asking)\n")
-            return EXIT_FAILED
+            return EXIT_OK
     result = _client().prune(all_volumes=args.all)
     if result["removed"]:
         out.write("Deleted Volumes:\n")
@@ -334,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args, sys.stdout)
     except UsageError as exc:
         sys.stderr.write(f"boxvol: error: {exc}\n")
+        return EXIT_USAGE
+    except errors.InvalidArgument as exc:  # the daemon refused an argument as written
+        sys.stderr.write(f"boxvol: error: {exc.message}\n")
         return EXIT_USAGE
     except errors.BoxvolError as exc:
         sys.stderr.write(f"boxvol: error: {exc.message}\n")

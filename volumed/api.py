@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from volumed import API_VERSION, __version__, errors
-from volumed.model import Volume
+from volumed.model import ListFilter, Volume
 from volumed.names import parse_label
 from volumed.schemas import (
     HOST_PATH_FIELDS,
@@ -36,7 +36,7 @@ from volumed.schemas import (
     VolumeList,
     VolumeOut,
 )
-from volumed.store import ListFilter, ReconcileAction, VolumeState, VolumeStore
+from volumed.store import ReconcileAction, VolumeState, VolumeStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -143,6 +143,10 @@ def _validation_error(exc: RequestValidationError) -> errors.BoxvolError:
         )
     if first.get("type") == "json_invalid":
         return errors.InvalidArgument("the request body is not valid JSON")
+    if first.get("type") in ("model_attributes_type", "dict_type"):
+        return errors.InvalidArgument(
+            "the request body must be a JSON object sent with Content-Type: application/json"
+        )
     where = f"field {field!r}: " if field else ""
     return errors.InvalidArgument(f"invalid request: {where}{first.get('msg')}")
 
@@ -212,9 +216,10 @@ def create_app(service: Service) -> FastAPI:
         return error_response(errors.BoxvolError(f"internal error: {exc!r}; see boxvold's log"))
 
     @app.post("/v1/volumes", status_code=201, response_model=VolumeOut)
-    async def create_volume(request: Request, body: CreateVolume) -> Response:
-        """Create a named volume (``name`` given) or an anonymous one."""
+    async def create_volume(request: Request, body: CreateVolume | None = None) -> Response:
+        """Create a named volume (``name`` given) or an anonymous one (empty body)."""
         check_query(request, ())
+        body = body or CreateVolume()
         volume = await service.write(
             store.create,
             name=body.name,
@@ -237,8 +242,10 @@ def create_app(service: Service) -> FastAPI:
         """List volumes; every given filter must hold (``label`` is KEY or KEY=VALUE)."""
         check_query(request, ("kind", "label", "name", "in_use", "dangling"))
         where = _parse_filter(kind, label, name, in_use, dangling)
-        states = await service.read(store.list_volumes, where)
-        return json_response({"volumes": [volume_json(state) for state in states]})
+        listing = await service.read(store.list_json, where)
+        return Response(
+            content=b'{"volumes":' + listing.encode() + b"}", media_type="application/json"
+        )
 
     @app.get("/v1/volumes/{ref:path}", response_model=VolumeOut)
     async def get_volume(request: Request, ref: str) -> Response:
@@ -254,9 +261,10 @@ def create_app(service: Service) -> FastAPI:
         return json_response({"removed": _removed_json(volume)})
 
     @app.post("/v1/volumes/prune", response_model=PruneAnswer)
-    async def prune_volumes(request: Request, body: PruneVolumes) -> Response:
+    async def prune_volumes(request: Request, body: PruneVolumes | None = None) -> Response:
         """Remove unused anonymous volumes, or every unused volume with ``all``."""
         check_query(request, ())
+        body = body or PruneVolumes()
         removed, reclaimed = await service.write(store.prune, all_volumes=body.all)
         return json_response(
             {"removed": [_removed_json(v) for v in removed], "reclaimed_bytes": reclaimed}

@@ -222,7 +222,7 @@ def ensure_spec_volumes(
 
     A named spec resolves to the same volume every time (created on first use); an
     anonymous spec creates a fresh volume bound to ``consumer``. All or nothing: if any
-    step fails, the anonymous volumes this call created are removed again.
+    step fails, every volume this call created is removed again.
     """
     volumes: list[dict[str, Any]] = []
     created: list[str] = []
@@ -232,7 +232,9 @@ def ensure_spec_volumes(
                 volume = client.create_volume(consumer=consumer)
                 created.append(volume["id"])
             else:
-                volume = _get_or_create(client, spec.name)
+                volume, made = _get_or_create(client, spec.name)
+                if made:
+                    created.append(volume["id"])
             volumes.append(volume)
     except BoxvolError:
         for volume_id in created:
@@ -244,12 +246,12 @@ def ensure_spec_volumes(
     return volumes
 
 
-def _get_or_create(client: Client, name: str) -> dict[str, Any]:
+def _get_or_create(client: Client, name: str) -> tuple[dict[str, Any], bool]:
     try:
-        return client.get_volume(name)
+        return client.get_volume(name), False
     except NotFound:
         pass
     try:
-        return client.create_volume(name)
+        return client.create_volume(name), True
     except AlreadyExists:  # created by someone else meanwhile: it is the same volume
-        return client.get_volume(name)
+        return client.get_volume(name), False

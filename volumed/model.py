@@ -34,3 +34,16 @@ class Volume:
     def display_name(self) -> str:
         """What tables show: the name, or the id for anonymous volumes."""
         return self.key
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListFilter:
+    """Which volumes a listing keeps; every given criterion must hold."""
+
+    kind: VolumeKind | None = None
+    #: (key, value) pairs; a value of None matches any value of the key.
+    labels: tuple[tuple[str, str | None], ...] = ()
+    #: Substring of the name (or of the id, for anonymous volumes).
+    name_contains: str | None = None
+    #: True: only volumes with live exports; False: only those without ("dangling").
+    in_use: bool | None = None

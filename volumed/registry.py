@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 
 from volumed.errors import AlreadyExists, StorageError
-from volumed.model import Volume
+from volumed.model import ListFilter, Volume
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,42 @@ CREATE TABLE IF NOT EXISTS exports (
 CREATE INDEX IF NOT EXISTS exports_by_volume ON exports(volume_id);
 """
 _COLUMNS = "id, name, kind, created_at, labels, size_bytes, inode_limit, consumer"
+_SELECT = (
+    "SELECT v.id, v.name, v.kind, v.created_at, v.labels, v.size_bytes, v.inode_limit, "
+    "v.consumer, COALESCE(e.n, 0) AS exports FROM volumes v LEFT JOIN "
+    "(SELECT volume_id, COUNT(*) AS n FROM exports GROUP BY volume_id) e ON e.volume_id = v.id"
+)
+# The API's volume object, built by SQLite (keep in step with volumed.api.volume_json).
+_VOLUME_JSON = (
+    "json_object('id', id, 'name', name, 'kind', kind, 'created_at', created_at, "
+    "'labels', json(labels), 'size_bytes', size_bytes, 'inode_limit', inode_limit, "
+    "'consumer', consumer, 'in_use', json(CASE WHEN exports > 0 THEN 'true' ELSE 'false' END), "
+    "'exports', exports)"
+)
+
+
+def _where(where: ListFilter) -> tuple[str, list[object]]:
+    """SQL conditions and arguments for a listing filter (label keys cannot hold quotes:
+    volumed.names allows only [A-Za-z0-9_./-] in them)."""
+    clauses: list[str] = []
+    args: list[object] = []
+    if where.kind is not None:
+        clauses.append("v.kind = ?")
+        args.append(where.kind)
+    if where.name_contains is not None:
+        clauses.append("instr(COALESCE(v.name, v.id), ?) > 0")
+        args.append(where.name_contains)
+    if where.in_use is not None:
+        clauses.append("COALESCE(e.n, 0) > 0" if where.in_use else "COALESCE(e.n, 0) = 0")
+    for key, value in where.labels:
+        path = f'$."{key}"'
+        if value is None:
+            clauses.append("json_type(v.labels, ?) IS NOT NULL")
+            args.append(path)
+        else:
+            clauses.append("json_type(v.labels, ?) = 'text' AND json_extract(v.labels, ?) = ?")
+            args.extend((path, path, value))
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
 
 
 def _row_to_volume(row: tuple[object, ...]) -> Volume:
@@ -89,53 +125,61 @@ class Registry:
             self._db.close()
 
     @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT under the writer lock; rolled back on any failure
+        (including a failed COMMIT, so the connection never stays mid-transaction)."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                yield
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(
+                        f"the registry {self.path} refused a write: {exc}; check the disk "
+                        "holding the boxvol home (space, permissions)"
+                    ) from exc
+                raise
+
+    @contextlib.contextmanager
     def inserting(self, volume: Volume) -> Iterator[None]:
         """Insert ``volume`` and commit only if the body (e.g. its mkdir) succeeds.
 
         Holds the writer lock for the whole body, so a concurrent create of the same name
         either sees this row or waits for its rollback.
         """
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             try:
-                try:
-                    self._db.execute(
-                        f"INSERT INTO volumes ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            volume.id,
-                            volume.name,
-                            volume.kind,
-                            volume.created_at,
-                            json.dumps(volume.labels, sort_keys=True),
-                            volume.size_bytes,
-                            volume.inode_limit,
-                            volume.consumer,
-                        ),
-                    )
-                except sqlite3.IntegrityError:
-                    raise AlreadyExists(
-                        f"a volume named {volume.name!r} already exists; pick another name or "
-                        f"remove it first with 'boxvol rm {volume.name}'"
-                    ) from None
-                yield
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute(
+                    f"INSERT INTO volumes ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        volume.id,
+                        volume.name,
+                        volume.kind,
+                        volume.created_at,
+                        json.dumps(volume.labels, sort_keys=True),
+                        volume.size_bytes,
+                        volume.inode_limit,
+                        volume.consumer,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                what = f"named {volume.name!r}" if volume.name else f"with id {volume.id}"
+                raise AlreadyExists(
+                    f"a volume {what} already exists; pick another name or remove it first "
+                    f"with 'boxvol rm {volume.key}'"
+                ) from None
+            yield
 
     @contextlib.contextmanager
     def deleting(self, volume_id: str) -> Iterator[None]:
         """Delete a volume's row and its export rows; commit only if the body succeeds."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("DELETE FROM exports WHERE volume_id = ?", (volume_id,))
-                self._db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
-                yield
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._transaction():
+            self._db.execute("DELETE FROM exports WHERE volume_id = ?", (volume_id,))
+            self._db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
+            yield
 
     def by_id(self, volume_id: str) -> Volume | None:
         """The volume with exactly this id (case-insensitive), if any."""
@@ -163,6 +207,24 @@ class Registry:
                 f"SELECT {_COLUMNS} FROM volumes {where} ORDER BY id", args
             ).fetchall()
         return [_row_to_volume(row) for row in rows]
+
+    def select(self, where: ListFilter) -> list[tuple[Volume, int]]:
+        """Volumes passing ``where`` with their live export counts, oldest first."""
+        conditions, args = _where(where)
+        with self._lock:
+            rows = self._db.execute(f"{_SELECT}{conditions} ORDER BY v.id", args).fetchall()
+        return [(_row_to_volume(row[:-1]), int(row[-1])) for row in rows]
+
+    def select_json(self, where: ListFilter) -> str:
+        """The same as ``select``, as the API's JSON array, encoded by SQLite."""
+        conditions, args = _where(where)
+        query = (
+            f"SELECT COALESCE(json_group_array(json({_VOLUME_JSON})), '[]') "
+            f"FROM ({_SELECT}{conditions} ORDER BY v.id)"
+        )
+        with self._lock:
+            (document,) = self._db.execute(query, args).fetchone()
+        return str(document)
 
     def export_counts(self) -> dict[str, int]:
         """Live export count per volume id (volumes without exports are absent)."""

@@ -12,7 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-#: Field names a client might use to smuggle a host path in; refused wherever they appear.
+#: Field names a client might use to smuggle a host path in: refused as a top-level field of
+#: any request body and as a query parameter name (labels are free-form data, not fields).
 HOST_PATH_FIELDS = frozenset(
     {
         "host_path",
@@ -70,11 +71,13 @@ class Request(BaseModel):
 class CreateVolume(Request):
     """Create a named volume (``name`` given) or an anonymous one."""
 
-    name: str | None = Field(None, description="Volume name; omit for an anonymous volume.")
+    name: str | None = Field(default=None, description="Volume name; omit for an anonymous volume.")
     labels: dict[str, str] = Field(default_factory=dict)
-    size_bytes: int | None = Field(None, description="Hard size cap in bytes (enforced later).")
-    inode_limit: int | None = Field(None, description="Inode cap (enforced later).")
-    consumer: str | None = Field(None, description="Who an anonymous volume belongs to.")
+    size_bytes: int | None = Field(
+        default=None, description="Hard size cap in bytes (enforced later)."
+    )
+    inode_limit: int | None = Field(default=None, description="Inode cap (enforced later).")
+    consumer: str | None = Field(default=None, description="Who an anonymous volume belongs to.")
 
 
 class PruneVolumes(Request):

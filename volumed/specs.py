@@ -107,11 +107,21 @@ def parse_spec(text: str) -> VolumeSpec:
     if len(parts) == 1:
         return VolumeSpec(None, _guest_path(text, parts[0]), read_only=False)
     first, second = parts[0], parts[1]
-    if len(parts) == 2 and first.startswith("/") and not second.startswith("/"):
+    if first.startswith("/") and not second.startswith("/"):
+        if len(parts) == 3:
+            raise InvalidArgument(
+                f"invalid volume spec {text!r}: give one option after the guest path; "
+                f"forms: {SPEC_FORMS}"
+            )
         # '/guest:ro' — an anonymous volume with a mode.
         return VolumeSpec(None, _guest_path(text, first), read_only=_mode(text, second))
     if _looks_like_host_path(first):
         raise _host_bind_refusal(text, second if second.startswith("/") else "/data")
+    if len(parts) == 2 and second in _MODES:
+        raise InvalidArgument(
+            f"invalid volume spec {text!r}: the guest path {first!r} is not absolute; "
+            f"write it from the root, e.g. '/{first}:{second}'. Forms: {SPEC_FORMS}"
+        )
     try:
         name = check_name(first)
     except InvalidArgument:

@@ -31,7 +31,7 @@ from volumed.errors import (
 )
 from volumed.gate import volume_directory
 from volumed.locations import Layout
-from volumed.model import KINDS, Volume, VolumeKind
+from volumed.model import KINDS, ListFilter, Volume, VolumeKind
 from volumed.names import check_labels, check_name, is_id_prefix, is_volume_id
 from volumed.registry import Registry
 from volumed.sizes import check_inodes, check_size
@@ -62,31 +62,6 @@ class VolumeState:
     def in_use(self) -> bool:
         """True while the volume has live exports."""
         return self.exports > 0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ListFilter:
-    """Which volumes a listing keeps; every given criterion must hold."""
-
-    kind: VolumeKind | None = None
-    #: (key, value) pairs; a value of None matches any value of the key.
-    labels: tuple[tuple[str, str | None], ...] = ()
-    name_contains: str | None = None
-    in_use: bool | None = None
-
-    def matches(self, state: VolumeState) -> bool:
-        """True if ``state`` passes every criterion."""
-        volume = state.volume
-        if self.kind is not None and volume.kind != self.kind:
-            return False
-        if self.in_use is not None and state.in_use != self.in_use:
-            return False
-        if self.name_contains is not None and self.name_contains not in volume.key:
-            return False
-        for key, value in self.labels:
-            if key not in volume.labels or (value is not None and volume.labels[key] != value):
-                return False
-        return True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -269,13 +244,15 @@ class VolumeStore:
 
     def list_volumes(self, where: ListFilter | None = None) -> list[VolumeState]:
         """Volumes passing ``where``, oldest first."""
-        where = where or ListFilter()
-        counts = self.registry.export_counts()
-        states = (
-            VolumeState(volume, counts.get(volume.id, 0))
-            for volume in self.registry.all(where.kind)
-        )
-        return [state for state in states if where.matches(state)]
+        return [
+            VolumeState(volume, exports)
+            for volume, exports in self.registry.select(where or ListFilter())
+        ]
+
+    def list_json(self, where: ListFilter | None = None) -> str:
+        """The same listing as a JSON array in the API's shape, built inside SQLite
+        (a 10,000-volume listing is answered without a Python object per volume)."""
+        return self.registry.select_json(where or ListFilter())
 
     # -- remove -------------------------------------------------------------------------
 
@@ -324,11 +301,14 @@ class VolumeStore:
             raise
         return True
 
-    def _empty_trash_entry(self, entry: str) -> None:
+    def _empty_trash_entry(self, entry: str) -> bool:
+        """Delete a trash entry; False (and logged) if the host refused."""
         try:
             shutil.rmtree(entry, dir_fd=self._trash_fd)
         except OSError as exc:
             log.error("trash cleanup failed entry=%s error=%s", entry, exc)
+            return False
+        return True
 
     def prune(self, *, all_volumes: bool = False) -> tuple[list[Volume], int]:
         """Remove unused anonymous volumes (every unused volume with ``all_volumes``).
@@ -402,15 +382,33 @@ class VolumeStore:
         """
         actions: list[ReconcileAction] = []
         for entry in os.listdir(self._trash_fd):
-            self._empty_trash_entry(entry)
-            actions.append(
-                ReconcileAction(
-                    "finished-removal",
-                    "trash",
+            volume = self.registry.by_id(entry) if is_volume_id(entry) else None
+            if volume is not None and not self._exists(volume.kind, volume.key):
+                # The removal never committed: the volume is still registered, so its
+                # directory goes back where it was.
+                os.rename(
                     entry,
-                    "a removal was interrupted; its data was deleted",
+                    volume.key,
+                    src_dir_fd=self._trash_fd,
+                    dst_dir_fd=self._root_fds[volume.kind],
                 )
-            )
+                actions.append(
+                    ReconcileAction(
+                        "restored",
+                        volume.kind,
+                        volume.key,
+                        "a removal was interrupted before it committed; the directory was put back",
+                    )
+                )
+            elif self._empty_trash_entry(entry):
+                actions.append(
+                    ReconcileAction(
+                        "finished-removal",
+                        "trash",
+                        entry,
+                        "a removal was interrupted; its data was deleted",
+                    )
+                )
         records = {(v.kind, v.key): v for v in self.registry.all()}
         for (kind, key), volume in records.items():
             root_fd = self._root_fds[kind]
@@ -450,25 +448,41 @@ class VolumeStore:
     def _adopt_or_quarantine(self, kind: VolumeKind, entry: str, root_fd: int) -> ReconcileAction:
         st = os.lstat(entry, dir_fd=root_fd)
         valid = is_volume_id(entry) if kind == "anonymous" else _valid_name(entry)
-        if valid and stat.S_ISDIR(st.st_mode):
-            volume = Volume(
-                id=entry.upper() if kind == "anonymous" else str(ULID()),
-                kind=kind,
-                created_at=utc_now(),
-                name=entry if kind == "named" else None,
-                labels={"boxvol.adopted": utc_now()},
-            )
-            if kind == "anonymous" and entry != volume.id:
-                os.rename(entry, volume.id, src_dir_fd=root_fd, dst_dir_fd=root_fd)
-            with self.registry.inserting(volume):
-                pass
+        # Anonymous directories are named by the upper-case id; another spelling of a
+        # registered id is not adoptable (it would collide with that volume).
+        if valid and kind == "anonymous" and entry != entry.upper():
+            valid = self.registry.by_id(entry) is None and not self._exists(kind, entry.upper())
+        if not (valid and stat.S_ISDIR(st.st_mode)):
+            where = self._quarantine(kind, entry)
             return ReconcileAction(
-                "adopted", kind, entry, f"a directory without a record became volume {volume.id}"
+                "quarantined", kind, entry, f"not a volume directory; moved to {where}"
             )
-        where = self._quarantine(kind, entry)
-        return ReconcileAction(
-            "quarantined", kind, entry, f"not a volume directory; moved to {where}"
+        volume = Volume(
+            id=entry.upper() if kind == "anonymous" else str(ULID()),
+            kind=kind,
+            created_at=utc_now(),
+            name=entry if kind == "named" else None,
+            labels={"boxvol.adopted": utc_now()},
         )
+        if entry != volume.key:
+            os.rename(entry, volume.key, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+        fd = os.open(volume.key, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+        try:
+            os.fchmod(fd, DIR_MODE)
+        finally:
+            os.close(fd)
+        with self.registry.inserting(volume):
+            pass
+        return ReconcileAction(
+            "adopted", kind, entry, f"a directory without a record became volume {volume.id}"
+        )
+
+    def _exists(self, kind: str, key: str) -> bool:
+        try:
+            os.lstat(key, dir_fd=self._root_fds[kind])
+        except FileNotFoundError:
+            return False
+        return True
 
     def _quarantine(self, kind: str, entry: str) -> str:
         target = f"{kind}-{entry}-{utc_now()}"

@@ -170,3 +170,19 @@ async def test_health_version_and_openapi(api: httpx.AsyncClient) -> None:
     served = (await api.get("/v1/openapi.json")).json()
     checked_in = json.loads((Path(__file__).parents[2] / "docs" / "openapi.json").read_text())
     assert served == checked_in
+
+
+async def test_empty_bodies_take_defaults(api: httpx.AsyncClient) -> None:
+    created = await api.post("/v1/volumes")
+    assert created.status_code == 201, created.text
+    assert created.json()["kind"] == "anonymous"
+    pruned = await api.post("/v1/volumes/prune")
+    assert pruned.status_code == 200
+    assert [v["id"] for v in pruned.json()["removed"]] == [created.json()["id"]]
+    form = await api.post(
+        "/v1/volumes",
+        content=b"name=x",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert form.status_code == 422
+    assert "Content-Type: application/json" in error_of(form)["message"]

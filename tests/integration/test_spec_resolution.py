@@ -32,12 +32,12 @@ def test_a_bad_spec_at_the_end_creates_nothing(daemon: Daemon) -> None:
 def test_failure_midway_removes_the_anonymous_volumes_it_made(daemon: Daemon) -> None:
     client = daemon.client()
     # The daemon refuses the create itself: nothing is left.
-    specs = parse_specs(["/a", "/b"])
+    specs = parse_specs(["new:/n", "/a", "/b"])
     with pytest.raises(InvalidArgument, match="consumer"):
-        ensure_spec_volumes(client, specs[:1], consumer="x" * 300)
+        ensure_spec_volumes(client, specs[1:2], consumer="x" * 300)
     assert client.list_volumes() == []
 
-    # The second create fails after the first succeeded: the first is removed again.
+    # The third create fails after a named and an anonymous one were made: both go again.
     class FailSecond:
         def __init__(self) -> None:
             self.calls = 0
@@ -47,7 +47,7 @@ def test_failure_midway_removes_the_anonymous_volumes_it_made(daemon: Daemon) ->
 
         def create_volume(self, *args: object, **kwargs: object) -> dict[str, object]:
             self.calls += 1
-            if self.calls == 2:
+            if self.calls == 3:
                 raise InvalidArgument("injected failure")
             return client.create_volume(*args, **kwargs)  # type: ignore[arg-type]
 

@@ -51,6 +51,7 @@ def test_host_binds_get_the_migration_message(text: str) -> None:
         ("a:/b:ro:x", "too many"),
         ("/a:/b:ro:rw", "too many"),
         ("/", "root"),
+        ("/g:ro:rw", "one option"),
         ("db:/", "root"),
         ("db:/a/../b", "'..'"),
         ("bad name:/g", "not a volume name"),
@@ -62,6 +63,11 @@ def test_refused_specs_say_why(text: str, why: str) -> None:
         parse_spec(text)
     assert why in caught.value.message
     assert not isinstance(caught.value, HostPathRefused)
+
+
+def test_relative_guest_path_with_mode_suggests_the_absolute_form() -> None:
+    with pytest.raises(InvalidArgument, match=r"e\.g\. '/data:ro'"):
+        parse_spec("data:ro")
 
 
 def test_a_list_is_validated_whole() -> None:

@@ -19,7 +19,8 @@ from volumed.errors import (
     NotFound,
     StorageError,
 )
-from volumed.store import ListFilter, VolumeStore
+from volumed.model import ListFilter
+from volumed.store import VolumeStore
 
 
 @pytest.fixture
@@ -271,3 +272,36 @@ def test_reconcile(store: VolumeStore, tmp_path: Path) -> None:
     assert kept[0].read_text() == "keep me too"
     assert_consistent(store)
     assert store.reconcile() == []  # a second pass finds nothing
+
+
+def test_reconcile_restores_an_uncommitted_removal(store: VolumeStore) -> None:
+    volume = store.create(name="data")
+    Path(store.layout.named, "data", "f").write_text("still mine")
+    # A crash after the rename into the trash, before the row was deleted:
+    os.rename(os.path.join(store.layout.named, "data"), os.path.join(store.layout.trash, volume.id))
+    actions = [(a.action, a.key) for a in store.reconcile()]
+    assert actions == [("restored", "data")]
+    assert Path(store.layout.named, "data", "f").read_text() == "still mine"
+    assert_consistent(store)
+
+
+def test_reconcile_adopts_with_private_mode_and_refuses_id_aliases(store: VolumeStore) -> None:
+    registered = store.create()
+    alias = registered.id.lower()
+    os.mkdir(os.path.join(store.layout.anonymous, alias))
+    Path(store.layout.anonymous, alias, "x").write_text("x")
+    os.mkdir(os.path.join(store.layout.named, "loose"), 0o755)
+    actions = {(a.action, a.key) for a in store.reconcile()}
+    assert actions == {("quarantined", alias), ("adopted", "loose")}
+    mode = os.stat(os.path.join(store.layout.named, "loose")).st_mode
+    assert stat.S_IMODE(mode) == 0o700
+    assert store.resolve(registered.id) == registered
+    assert_consistent(store)
+
+
+def test_a_failed_registry_write_leaves_the_registry_usable(store: VolumeStore) -> None:
+    import sqlite3
+
+    with pytest.raises(StorageError, match="refused a write"), store.registry.deleting("x"):
+        raise sqlite3.OperationalError("disk I/O error")
+    assert store.create(name="after").name == "after"
