@@ -21,13 +21,18 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from volumed import API_VERSION, __version__, errors
+from volumed.export_manager import ExportManager
+from volumed.exports import ExportPolicy
 from volumed.model import ListFilter, Volume
 from volumed.names import parse_label
 from volumed.schemas import (
     HOST_PATH_FIELDS,
+    CreateExport,
     CreateVolume,
     DiskUsage,
     ErrorAnswer,
+    ExportList,
+    ExportOut,
     Health,
     PruneAnswer,
     PruneVolumes,
@@ -56,12 +61,19 @@ class Service:
     #: Reads (lookups, listings, usage walks) run beside each other.
     reader: trio.CapacityLimiter
     reconciled: list[ReconcileAction]
+    exports: ExportManager
 
-    def __init__(self, store: VolumeStore, reconciled: list[ReconcileAction]) -> None:
+    def __init__(
+        self,
+        store: VolumeStore,
+        reconciled: list[ReconcileAction],
+        exports: Callable[[trio.CapacityLimiter], ExportManager],
+    ) -> None:
         self.store = store
         self.writer = trio.CapacityLimiter(1)
         self.reader = trio.CapacityLimiter(4)
         self.reconciled = reconciled
+        self.exports = exports(self.writer)
 
     async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a mutating store call in a worker thread."""
@@ -257,7 +269,7 @@ def create_app(service: Service) -> FastAPI:
     async def remove_volume(request: Request, ref: str, force: bool = False) -> Response:
         """Remove a volume and its data; refused (409) while in use unless ``force``."""
         check_query(request, ("force",))
-        volume = await service.write(store.remove, ref, force=force)
+        volume = await service.exports.remove_volume(ref, force=force)
         return json_response({"removed": _removed_json(volume)})
 
     @app.post("/v1/volumes/prune", response_model=PruneAnswer)
@@ -269,6 +281,35 @@ def create_app(service: Service) -> FastAPI:
         return json_response(
             {"removed": [_removed_json(v) for v in removed], "reclaimed_bytes": reclaimed}
         )
+
+    @app.post("/v1/exports", status_code=201, response_model=ExportOut)
+    async def create_export(request: Request, body: CreateExport) -> Response:
+        """Export a volume as a FUSE view under a policy; the volume is then in use."""
+        check_query(request, ())
+        owner = None if body.owner is None else (body.owner.uid, body.owner.gid)
+        policy = ExportPolicy(read_only=body.read_only, owner=owner, cache=body.cache)
+        live = await service.exports.create(body.volume, policy, body.consumer)
+        return json_response(live.to_json(), 201)
+
+    @app.get("/v1/exports", response_model=ExportList)
+    async def list_exports(request: Request, volume: str | None = None) -> Response:
+        """Live exports, of one volume (name or id) if ``volume`` is given."""
+        check_query(request, ("volume",))
+        volume_id = None if volume is None else (await service.read(store.resolve, volume)).id
+        exports = service.exports.list(volume_id)
+        return json_response({"exports": [live.to_json() for live in exports]})
+
+    @app.get("/v1/exports/{export_id}", response_model=ExportOut)
+    async def get_export(request: Request, export_id: str) -> Response:
+        """One live export."""
+        check_query(request, ())
+        return json_response(service.exports.get(export_id).to_json())
+
+    @app.delete("/v1/exports/{export_id}", response_model=ExportOut)
+    async def remove_export(request: Request, export_id: str) -> Response:
+        """Tear an export down: its directory vanishes, open files on it get errors."""
+        check_query(request, ())
+        return json_response((await service.exports.remove(export_id)).to_json())
 
     @app.get("/v1/system/df", response_model=DiskUsage)
     async def disk_usage(request: Request) -> Response:

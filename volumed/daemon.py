@@ -28,6 +28,9 @@ from hypercorn.utils import wrap_app
 from volumed import __version__, errors, locations
 from volumed.api import Service, create_app
 from volumed.daemon_options import add_daemon_options, resolve_dirs
+from volumed.export_manager import ExportManager
+from volumed.fs.mount import serve_fuse
+from volumed.fs.operations import BoxvolFS
 from volumed.store import VolumeStore
 
 log = logging.getLogger(__name__)
@@ -144,7 +147,13 @@ async def serve_boxvold(
         store = await trio.to_thread.run_sync(VolumeStore.open, config.home)
         stack.callback(store.close)
         reconciled = await trio.to_thread.run_sync(store.reconcile)
-        service = Service(store, reconciled)
+
+        fs = BoxvolFS(_open_dir_fd(store.layout.volumes))
+        stack.callback(os.close, fs.statfs_fd)
+        mount_root = os.path.join(config.runtime_dir, "fs")
+        service = Service(
+            store, reconciled, lambda writer: ExportManager(store, fs, mount_root, writer)
+        )
 
         listener = bind_api_socket(config.socket_path, config.socket_group)
         stack.callback(_unlink_quietly, config.socket_path)
@@ -158,6 +167,8 @@ async def serve_boxvold(
         app = wrap_app(create_app(service), hconfig.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
         sockets = Sockets(secure_sockets=[], insecure_sockets=[listener], quic_sockets=[])
         async with trio.open_nursery() as nursery:
+            await nursery.start(serve_fuse, fs, mount_root)
+            await service.exports.restore()
             await nursery.start(
                 lambda task_status: worker_serve(
                     app, hconfig, sockets=sockets, task_status=task_status
@@ -174,6 +185,10 @@ async def serve_boxvold(
             notify_systemd("READY=1")
             task_status.started(config.socket_path)
             await trio.sleep_forever()
+
+
+def _open_dir_fd(path: str) -> int:
+    return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -86,3 +86,20 @@ def _is_valid_name(key: str) -> bool:
     except Exception:
         return False
     return True
+
+
+def open_volume_directory(layout: Layout, volume: Volume) -> tuple[int, os.stat_result]:
+    """An ``O_PATH`` fd of the volume's directory, opened through the gate.
+
+    The final component is opened without following symlinks and must be the very
+    directory the gate accepted, so a swap between the check and the open is refused.
+    Blocking.
+    """
+    directory = volume_directory(layout, volume)
+    checked = os.lstat(directory)
+    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (checked.st_dev, checked.st_ino):
+        os.close(fd)
+        raise _refuse(layout, directory, "it changed while it was being opened")
+    return fd, st

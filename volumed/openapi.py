@@ -10,7 +10,11 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+import trio
+
 from volumed.api import Service, create_app, openapi_document
+from volumed.export_manager import ExportManager
+from volumed.fs.operations import BoxvolFS
 from volumed.store import VolumeStore
 
 
@@ -19,7 +23,11 @@ def generate() -> str:
     with tempfile.TemporaryDirectory(prefix="boxvol-openapi-") as home:
         store = VolumeStore.open(home)
         try:
-            return openapi_document(create_app(Service(store, [])))
+
+            def exports(writer: trio.CapacityLimiter) -> ExportManager:
+                return ExportManager(store, BoxvolFS(-1), home, writer)
+
+            return openapi_document(create_app(Service(store, [], exports)))
         finally:
             store.close()
 

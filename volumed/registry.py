@@ -238,12 +238,25 @@ class Registry:
         self, export_id: str, volume_id: str, kind: str, created_at: str, spec: dict[str, object]
     ) -> None:
         """Record a live export of a volume (which makes the volume "in use")."""
-        with self._lock:
+        with self._transaction():
             self._db.execute(
                 "INSERT INTO exports (id, volume_id, kind, created_at, spec) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (export_id, volume_id, kind, created_at, json.dumps(spec, sort_keys=True)),
             )
+
+    def remove_export(self, export_id: str) -> None:
+        """Forget an export."""
+        with self._transaction():
+            self._db.execute("DELETE FROM exports WHERE id = ?", (export_id,))
+
+    def exports(self) -> list[tuple[str, str, str, str, dict[str, object]]]:
+        """Every export as (id, volume id, kind, created at, spec), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, volume_id, kind, created_at, spec FROM exports ORDER BY id"
+            ).fetchall()
+        return [(str(a), str(b), str(c), str(d), json.loads(e)) for a, b, c, d, e in rows]
 
     def _one(self, where: str, args: tuple[object, ...]) -> Volume | None:
         with self._lock:

@@ -80,6 +80,62 @@ class CreateVolume(Request):
     consumer: str | None = Field(default=None, description="Who an anonymous volume belongs to.")
 
 
+class Owner(Request):
+    """A uid/gid pair an export presents every file as."""
+
+    uid: int
+    gid: int
+
+
+class CreateExport(Request):
+    """Export a volume (by name or id) as a FUSE view under a policy."""
+
+    volume: str = Field(description="Volume name, id or unique id prefix.")
+    kind: Literal["fuse"] = "fuse"
+    read_only: bool = False
+    owner: Owner | None = Field(
+        default=None, description="Present every file as this uid/gid (opt-in mapping)."
+    )
+    consumer: str | None = Field(default=None, description="Free-form label of the user.")
+    cache: Literal["auto", "none", "always"] = Field(
+        default="auto", description="Kernel caching: auto (1 s), none, always (10 min)."
+    )
+
+
+class ExportVolume(BaseModel):
+    """The volume an export serves."""
+
+    id: str
+    name: str | None
+
+
+class ExportOwner(BaseModel):
+    """Ownership mapping of an export."""
+
+    uid: int
+    gid: int
+
+
+class ExportOut(BaseModel):
+    """A live export."""
+
+    id: str
+    kind: Literal["fuse"]
+    volume: ExportVolume
+    read_only: bool
+    owner: ExportOwner | None
+    cache: str
+    consumer: str | None
+    created_at: str
+    mountpoint: str = Field(description="Where the view is reachable on the host.")
+
+
+class ExportList(BaseModel):
+    """Listing answer."""
+
+    exports: list[ExportOut]
+
+
 class PruneVolumes(Request):
     """Remove unused volumes: anonymous ones, or every unused one with ``all``."""
 

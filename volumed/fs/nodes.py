@@ -1,0 +1,182 @@
+"""Inode and handle bookkeeping of the FUSE view.
+
+Each backing object reached through an export gets one FUSE inode, keyed by
+(export, st_dev, st_ino), holding an ``O_PATH`` fd and the kernel's lookup count, which
+``forget`` releases. An fd is closed only when nothing uses it any more: a worker thread
+never sees its fd number closed and reused under it (that could point it at another
+volume). Runs on the trio loop only; the worker threads receive plain fds.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Iterator
+
+from volumed.exports import Export
+from volumed.fs.passthrough import Passthrough
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+
+
+class ExportState:
+    """A live export as the filesystem sees it: its policy view and its root node."""
+
+    __slots__ = ("alive", "export", "name", "root", "view")
+
+    def __init__(self, export: Export, view: Passthrough) -> None:
+        self.export = export
+        self.view = view
+        self.name = export.id.encode()
+        self.alive = True
+        self.root: Node | None = None
+
+
+class _Pinned:
+    """Reference-counted use of an fd by in-flight work; the fd closes after the last."""
+
+    __slots__ = ("closing", "fd", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        self.closing = False
+
+    def retire(self) -> None:
+        """Close now, or as soon as the last user is done."""
+        self.closing = True
+        if self.users == 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def acquire(self) -> int:
+        if self.closing:
+            raise OSError(errno.ESTALE, "")
+        self.users += 1
+        return self.fd
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.closing and self.users == 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Node(_Pinned):
+    """One FUSE inode: a backing inode seen through one export."""
+
+    __slots__ = ("export", "inode", "key", "lookups", "pinned")
+
+    def __init__(self, inode: int, export: ExportState, fd: int, key: tuple[int, int]) -> None:
+        super().__init__(fd)
+        self.inode = inode
+        self.export = export
+        self.key = key
+        self.lookups = 0
+        #: Export roots live as long as their export, whatever the kernel forgets.
+        self.pinned = False
+
+
+class Handle(_Pinned):
+    """An open file: its own backing fd, so O_APPEND and friends are per open."""
+
+    __slots__ = ("export", "node", "suid_checked")
+
+    def __init__(self, fd: int, node: Node, *, suid_checked: bool) -> None:
+        super().__init__(fd)
+        self.node = node
+        self.export = node.export
+        #: False until an unprivileged writer's first write has cleared setuid bits.
+        self.suid_checked = suid_checked
+
+
+class InodeTable:
+    """Inodes and file handles of the whole mount."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[int, Node] = {}
+        self._by_key: dict[tuple[str, int, int], Node] = {}
+        self._next_inode = ROOT_INODE + 1
+        self._handles: dict[int, Handle] = {}
+        self._next_handle = 1
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def node(self, inode: int) -> Node:
+        """The live node of ``inode``; ESTALE once its export is gone."""
+        node = self._nodes.get(inode)
+        if node is None or not node.export.alive:
+            raise OSError(errno.ESTALE, "")
+        return node
+
+    def remember(self, export: ExportState, fd: int, st: os.stat_result) -> Node:
+        """Count one kernel lookup of the object behind ``fd`` (consuming ``fd``)."""
+        key = (export.export.id, st.st_dev, st.st_ino)
+        node = self._by_key.get(key)
+        if node is not None and not node.closing:
+            os.close(fd)
+        else:
+            node = Node(self._next_inode, export, fd, (st.st_dev, st.st_ino))
+            self._next_inode += 1
+            self._nodes[node.inode] = node
+            self._by_key[key] = node
+        node.lookups += 1
+        return node
+
+    def forget(self, inode: int, count: int) -> None:
+        """The kernel dropped ``count`` lookups of ``inode``."""
+        node = self._nodes.get(inode)
+        if node is None:
+            return
+        node.lookups -= count
+        if node.lookups <= 0 and not node.pinned:
+            self._drop(node)
+
+    def _drop(self, node: Node) -> None:
+        del self._nodes[node.inode]
+        key = (node.export.export.id, *node.key)
+        if self._by_key.get(key) is node:
+            del self._by_key[key]
+        node.retire()
+
+    def add_handle(self, fd: int, node: Node, *, suid_checked: bool) -> int:
+        """Register an open backing fd; returns the FUSE file handle."""
+        handle_id = self._next_handle
+        self._next_handle += 1
+        self._handles[handle_id] = Handle(fd, node, suid_checked=suid_checked)
+        return handle_id
+
+    def handle(self, handle_id: int) -> Handle:
+        """An open file; EBADF if unknown, ESTALE once its export is gone."""
+        handle = self._handles.get(handle_id)
+        if handle is None:
+            raise OSError(errno.EBADF, "")
+        if not handle.export.alive:
+            raise OSError(errno.ESTALE, "")
+        return handle
+
+    def release_handle(self, handle_id: int) -> None:
+        """The kernel closed the file."""
+        handle = self._handles.pop(handle_id, None)
+        if handle is not None:
+            handle.retire()
+
+    def drop_export(self, export: ExportState) -> None:
+        """Forget everything reached through ``export``: fds close once idle, and any
+        later request on its inodes or handles gets ESTALE."""
+        export.alive = False
+        for handle_id, handle in list(self._handles.items()):
+            if handle.export is export:
+                del self._handles[handle_id]
+                handle.retire()
+        for node in list(self._nodes.values()):
+            if node.export is export:
+                self._drop(node)
+
+    def nodes_of(self, export: ExportState) -> Iterator[Node]:
+        """Nodes of one export (for tests and diagnostics)."""
+        return (node for node in self._nodes.values() if node.export is export)

@@ -1,0 +1,528 @@
+"""The pyfuse3 edge: FUSE requests in, view calls in worker threads, errnos out.
+
+The mount's root lists live exports by id; everything below an export's directory is that
+export's volume seen through its policy view. Every blocking call runs in a worker thread
+under one named CapacityLimiter. This is the only place errors become errnos: an OSError
+passes its errno; anything else is a bug, logged and answered with EIO, never allowed to
+stop pyfuse3's loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from volumed.fs.nodes import ROOT_INODE, ExportState, InodeTable, Node
+from volumed.fs.passthrough import AttrChange, Caller
+from volumed.fs.views import presented_owner
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Entries fetched per worker-thread round trip while answering readdir.
+READDIR_BATCH = 64
+NAME_MAX = 255
+ROOT_MODE = stat.S_IFDIR | 0o711  # others may enter an export they know, not list them
+
+
+def fuse_edge(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Map an OSError to its errno and any other exception to a logged EIO."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("fuse handler failed op=%s", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(ctx.uid, ctx.gid)
+
+
+class _DirHandle:
+    __slots__ = ("export", "names", "node", "read_once")
+
+    def __init__(self, node: Node | None, export: ExportState | None) -> None:
+        self.node = node
+        self.export = export
+        self.names: list[bytes] = []
+        self.read_once = False
+
+
+class BoxvolFS(pyfuse3.Operations):
+    """The filesystem: the exports' directory at the root, policy views below.
+
+    Attributes:
+        table: inodes and open files.
+        exports: live exports by their directory name (the export id, as bytes).
+        limiter: worker threads blocking calls may occupy at once.
+    """
+
+    table: InodeTable
+    exports: dict[bytes, ExportState]
+    limiter: trio.CapacityLimiter
+    _dirs: dict[int, _DirHandle]
+    _next_dir: int
+    statfs_fd: int
+
+    def __init__(self, statfs_fd: int, *, threads: int = 16) -> None:
+        super().__init__()
+        self.table = InodeTable()
+        self.exports = {}
+        self.limiter = trio.CapacityLimiter(threads)
+        self._dirs = {}
+        self._next_dir = 1
+        self.statfs_fd = statfs_fd
+
+    # -- exports (called by the export manager on the trio loop) -----------------------
+
+    def add_export(self, state: ExportState, root_fd: int, st: os.stat_result) -> None:
+        """Make ``state`` visible as ``<mount>/<export-id>``, rooted at ``root_fd``."""
+        node = self.table.remember(state, root_fd, st)
+        node.lookups -= 1  # the kernel has not looked it up yet
+        node.pinned = True
+        state.root = node
+        self.exports[state.name] = state
+
+    def remove_export(self, state: ExportState) -> None:
+        """Make the export vanish: its directory, its inodes and its open files."""
+        self.exports.pop(state.name, None)
+        self.table.drop_export(state)
+        for handle_id, handle in list(self._dirs.items()):
+            if handle.export is state:
+                del self._dirs[handle_id]
+        try:
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, state.name, ignore_enoent=True)
+        except Exception:  # the mount may be on its way down
+            log.debug("invalidate_entry failed export=%s", state.export.id, exc_info=True)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.limiter)
+
+    def _attrs(
+        self, inode: int, st: os.stat_result, export: ExportState
+    ) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        cache = export.export.policy.cache_policy
+        attrs.st_ino = inode
+        attrs.generation = 0
+        attrs.entry_timeout = cache.entry_timeout
+        attrs.attr_timeout = cache.attr_timeout
+        attrs.st_mode = st.st_mode
+        attrs.st_nlink = st.st_nlink
+        owner = presented_owner(export.view)
+        attrs.st_uid, attrs.st_gid = owner if owner else (st.st_uid, st.st_gid)
+        attrs.st_rdev = st.st_rdev
+        attrs.st_size = st.st_size
+        attrs.st_blksize = st.st_blksize
+        attrs.st_blocks = st.st_blocks
+        attrs.st_atime_ns = st.st_atime_ns
+        attrs.st_mtime_ns = st.st_mtime_ns
+        attrs.st_ctime_ns = st.st_ctime_ns
+        return attrs
+
+    def _root_attrs(self) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = pyfuse3.ROOT_INODE
+        attrs.st_mode = ROOT_MODE
+        attrs.st_nlink = 2 + len(self.exports)
+        attrs.st_uid = attrs.st_gid = 0
+        attrs.st_size = 0
+        attrs.entry_timeout = attrs.attr_timeout = 0
+        return attrs
+
+    def _node(self, inode: int) -> Node:
+        if inode == ROOT_INODE:
+            raise OSError(errno.EPERM, "the exports' directory is managed by boxvold")
+        return self.table.node(inode)
+
+    async def _on_node(self, node: Node, fn: Callable[..., T], *args: Any) -> T:
+        fd = node.acquire()
+        try:
+            return await self._run(fn, fd, *args)
+        finally:
+            node.release()
+
+    async def _on_two(self, first: Node, second: Node, fn: Callable[..., T], *args: Any) -> T:
+        if first.export is not second.export:
+            raise OSError(errno.EXDEV, "across exports")
+        fd1 = first.acquire()
+        try:
+            fd2 = second.acquire()
+            try:
+                return await self._run(fn, fd1, fd2, *args)
+            finally:
+                second.release()
+        finally:
+            first.release()
+
+    def _entry(self, node: Node, fd: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        new = self.table.remember(node.export, fd, st)
+        return self._attrs(new.inode, st, node.export)
+
+    # -- lookups and attributes --------------------------------------------------------
+
+    @fuse_edge
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if parent_inode == ROOT_INODE:
+            state = self.exports.get(name)
+            if state is None or state.root is None:
+                raise OSError(errno.ENOENT, "")
+            st = await self._on_node(state.root, state.view.getattr)
+            state.root.lookups += 1
+            return self._attrs(state.root.inode, st, state)
+        parent = self.table.node(parent_inode)
+        fd, st = await self._on_node(parent, parent.export.view.lookup, name)
+        return self._entry(parent, fd, st)
+
+    @fuse_edge
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.table.forget(inode, count)
+
+    @fuse_edge
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode == ROOT_INODE:
+            return self._root_attrs()
+        node = self.table.node(inode)
+        st = await self._on_node(node, node.export.view.getattr)
+        return self._attrs(inode, st, node.export)
+
+    @fuse_edge
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        change = AttrChange(
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        handle = self.table.handle(fh) if fh is not None else None
+        io_fd = handle.acquire() if handle is not None else None
+        try:
+            st = await self._on_node(node, node.export.view.setattr, change, _caller(ctx), io_fd)
+        finally:
+            if handle is not None:
+                handle.release()
+        return self._attrs(inode, st, node.export)
+
+    @fuse_edge
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        return await self._on_node(node, node.export.view.readlink)
+
+    # -- creating, removing, renaming --------------------------------------------------
+
+    @fuse_edge
+    async def mknod(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        rdev: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        fd, st = await self._on_node(
+            parent, parent.export.view.mknod, name, mode, rdev, _caller(ctx)
+        )
+        return self._entry(parent, fd, st)
+
+    @fuse_edge
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        fd, st = await self._on_node(parent, parent.export.view.mkdir, name, mode, _caller(ctx))
+        return self._entry(parent, fd, st)
+
+    @fuse_edge
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        fd, st = await self._on_node(parent, parent.export.view.symlink, name, target, _caller(ctx))
+        return self._entry(parent, fd, st)
+
+    @fuse_edge
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        await self._on_node(parent, parent.export.view.unlink, name)
+
+    @fuse_edge
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        await self._on_node(parent, parent.export.view.rmdir, name)
+
+    @fuse_edge
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        old = self._node(parent_inode_old)
+        new = self._node(parent_inode_new)
+        await self._on_two(
+            old,
+            new,
+            lambda fd_old, fd_new: old.export.view.rename(
+                fd_old, name_old, fd_new, name_new, flags
+            ),
+        )
+
+    @fuse_edge
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        parent = self._node(new_parent_inode)
+        st = await self._on_two(node, parent, node.export.view.link, new_name)
+        node.lookups += 1  # the kernel now holds one more reference to this inode
+        return self._attrs(node.inode, st, node.export)
+
+    # -- files -----------------------------------------------------------------------
+
+    def _file_info(
+        self, node: Node, io_fd: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        writes = bool(flags & (os.O_WRONLY | os.O_RDWR))
+        handle_id = self.table.add_handle(io_fd, node, suid_checked=ctx.uid == 0 or not writes)
+        return pyfuse3.FileInfo(
+            fh=handle_id,
+            keep_cache=node.export.export.policy.cache_policy.keep_cache,
+        )
+
+    @fuse_edge
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        io_fd = await self._on_node(node, node.export.view.open, flags)
+        return self._file_info(node, io_fd, flags, ctx)
+
+    @fuse_edge
+    async def create(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._node(parent_inode)
+        io_fd, fd, st = await self._on_node(
+            parent, parent.export.view.create, name, mode, flags, _caller(ctx)
+        )
+        node = self.table.remember(parent.export, fd, st)
+        info = self._file_info(node, io_fd, flags, ctx)
+        return info, self._attrs(node.inode, st, node.export)
+
+    @fuse_edge
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self.table.handle(fh)
+        io_fd = handle.acquire()
+        try:
+            return await self._run(handle.export.view.read, io_fd, off, size)
+        finally:
+            handle.release()
+
+    @fuse_edge
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.table.handle(fh)
+        if not handle.suid_checked:
+            await self._on_node(handle.node, handle.export.view.kill_suid_for_write)
+            handle.suid_checked = True
+        io_fd = handle.acquire()
+        try:
+            return await self._run(handle.export.view.write, io_fd, off, buf)
+        finally:
+            handle.release()
+
+    @fuse_edge
+    async def flush(self, fh: int) -> None:
+        handle = self.table.handle(fh)
+        io_fd = handle.acquire()
+        try:
+            await self._run(handle.export.view.flush, io_fd)
+        finally:
+            handle.release()
+
+    @fuse_edge
+    async def release(self, fh: int) -> None:
+        self.table.release_handle(fh)
+
+    @fuse_edge
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self.table.handle(fh)
+        io_fd = handle.acquire()
+        try:
+            await self._run(handle.export.view.fsync, io_fd, datasync)
+        finally:
+            handle.release()
+
+    # -- directories -------------------------------------------------------------------
+
+    @fuse_edge
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode == ROOT_INODE:
+            handle = _DirHandle(None, None)
+        else:
+            node = self.table.node(inode)
+            handle = _DirHandle(node, node.export)
+        handle_id = self._next_dir
+        self._next_dir += 1
+        self._dirs[handle_id] = handle
+        return handle_id
+
+    def _dir(self, fh: int) -> _DirHandle:
+        handle = self._dirs.get(fh)
+        if handle is None:
+            raise OSError(errno.EBADF, "")
+        if handle.export is not None and not handle.export.alive:
+            raise OSError(errno.ESTALE, "")
+        return handle
+
+    @fuse_edge
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._dir(fh)
+        if handle.node is None:
+            await self._readdir_root(start_id, token)
+            return
+        node, export = handle.node, handle.node.export
+        if start_id == 0 or not handle.read_once:
+            # A snapshot per pass: offsets stay valid however the directory changes.
+            handle.names = await self._on_node(node, export.view.list_directory)
+            handle.read_once = True
+        index = start_id
+        while index < len(handle.names):
+            batch = handle.names[index : index + READDIR_BATCH]
+            found = await self._on_node(node, _lookup_many, export.view.lookup, batch)
+            for k, (position, name, fd, st) in enumerate(found):
+                entry = self.table.remember(export, fd, st)
+                attrs = self._attrs(entry.inode, st, export)
+                if not pyfuse3.readdir_reply(token, name, attrs, index + position + 1):
+                    self.table.forget(entry.inode, 1)
+                    for _position, _name, rest_fd, _st in found[k + 1 :]:
+                        os.close(rest_fd)
+                    return
+            index += len(batch)
+
+    async def _readdir_root(self, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        states = sorted(self.exports.values(), key=lambda s: s.name)
+        for offset, state in enumerate(states[start_id:], start=start_id + 1):
+            root = state.root
+            if root is None:
+                continue
+            st = await self._on_node(root, state.view.getattr)
+            if not pyfuse3.readdir_reply(
+                token, state.name, self._attrs(root.inode, st, state), offset
+            ):
+                return
+            root.lookups += 1
+
+    @fuse_edge
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @fuse_edge
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        handle = self._dir(fh)
+        if handle.node is not None:
+            await self._on_node(handle.node, handle.export.view.fsyncdir, datasync)  # type: ignore[union-attr]
+
+    @fuse_edge
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = await self._run(os.statvfs, f"/proc/self/fd/{self.statfs_fd}")
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = st.f_bsize
+        data.f_frsize = st.f_frsize
+        data.f_blocks = st.f_blocks
+        data.f_bfree = st.f_bfree
+        data.f_bavail = st.f_bavail
+        data.f_files = st.f_files
+        data.f_ffree = st.f_ffree
+        data.f_favail = st.f_favail
+        data.f_namemax = NAME_MAX
+        return data
+
+    # -- extended attributes -----------------------------------------------------------
+
+    @fuse_edge
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == ROOT_INODE:
+            raise OSError(pyfuse3.ENOATTR, "")
+        node = self.table.node(inode)
+        return await self._on_node(node, node.export.view.getxattr, name)
+
+    @fuse_edge
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        if inode == ROOT_INODE:
+            return []
+        node = self.table.node(inode)
+        return await self._on_node(node, node.export.view.listxattr)
+
+    @fuse_edge
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        node = self._node(inode)
+        await self._on_node(node, node.export.view.setxattr, name, value)
+
+    @fuse_edge
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self._node(inode)
+        await self._on_node(node, node.export.view.removexattr, name)
+
+    @fuse_edge
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # default_permissions: the kernel checks access against the attributes we report.
+        return True
+
+
+def _lookup_many(
+    parent_fd: int,
+    lookup: Callable[[int, bytes], tuple[int, os.stat_result]],
+    names: list[bytes],
+) -> list[tuple[int, bytes, int, os.stat_result]]:
+    """Blocking: look up a batch of directory entries as (position in batch, name, fd,
+    attributes), skipping those removed since the snapshot."""
+    found = []
+    for position, name in enumerate(names):
+        try:
+            fd, st = lookup(parent_fd, name)
+        except FileNotFoundError:
+            continue
+        found.append((position, name, fd, st))
+    return found

@@ -1,0 +1,404 @@
+"""Blocking, confined filesystem operations on one volume.
+
+Every call works relative to an ``O_PATH | O_NOFOLLOW`` fd and a single name component
+(or on the fd itself); nothing is ever resolved from a path string built from a request,
+and a symlink is never followed: it is data. Regular files and directories are reopened
+for I/O through ``/proc/self/fd``, as virtiofsd does. Errors are ``OSError`` with the errno
+the caller should see. Blocking: every method does syscalls; call from a worker thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import errno
+import os
+import stat
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_EMPTY_PATH = 0x1000
+_AT_SYMLINK_NOFOLLOW = 0x100
+_UTIME_OMIT = (1 << 30) - 2
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_RENAME_FLAGS = RENAME_NOREPLACE | RENAME_EXCHANGE
+#: Flags of a FUSE open that must not reach the reopen of an existing inode.
+_OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Mode bits a write, truncate or chown by an unprivileged caller takes away.
+_KILL_SUID = stat.S_ISUID
+_KILL_SGID_IF_GROUP_EXEC = stat.S_ISGID
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+def _check(result: int) -> None:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def proc_path(fd: int) -> str:
+    """The magic link that reopens ``fd``'s inode (never a path taken from a request)."""
+    return f"/proc/self/fd/{fd}"
+
+
+def check_name(name: bytes) -> bytes:
+    """Refuse the names that would leave the directory they are looked up in."""
+    if name in (b".", b"..") or b"/" in name or not name:
+        raise OSError(errno.EINVAL, "invalid name")
+    return name
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asked: new entries belong to them, as on a local filesystem."""
+
+    uid: int
+    gid: int
+    #: Supplementary groups, needed only to decide setgid inheritance on new files.
+    groups: frozenset[int] = frozenset()
+
+    @property
+    def privileged(self) -> bool:
+        """Root keeps setuid bits on write and may chown freely (CAP_FSETID, CAP_CHOWN)."""
+        return self.uid == 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AttrChange:
+    """What a setattr asks for; None means leave as is."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+class Passthrough:
+    """Operations on the backing files of one volume, confined to it.
+
+    Device nodes are never created here, whatever the export: a device node in a volume
+    is a door to the host's devices for the next consumer.
+    """
+
+    # -- lookup and attributes -------------------------------------------------------
+
+    def lookup(self, parent_fd: int, name: bytes) -> tuple[int, os.stat_result]:
+        """An O_PATH fd for ``name`` in the parent, and its attributes."""
+        fd = os.open(check_name(name), PATH_FLAGS, dir_fd=parent_fd)
+        try:
+            return fd, os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def getattr(self, fd: int) -> os.stat_result:
+        """Attributes of the inode behind ``fd``."""
+        return os.fstat(fd)
+
+    def setattr(
+        self, fd: int, change: AttrChange, caller: Caller, io_fd: int | None = None
+    ) -> os.stat_result:
+        """Apply a setattr (chmod, chown, truncate, utimens) and return the new attributes."""
+        st = os.fstat(fd)
+        is_link = stat.S_ISLNK(st.st_mode)
+        if change.size is not None:
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL, "")
+            if io_fd is not None:
+                os.ftruncate(io_fd, change.size)
+            else:
+                os.truncate(proc_path(fd), change.size)
+            if not caller.privileged:
+                self._kill_suid(fd, st)
+        if change.uid is not None or change.gid is not None:
+            uid = -1 if change.uid is None else change.uid
+            gid = -1 if change.gid is None else change.gid
+            _check(_libc.fchownat(fd, b"", uid, gid, _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW))
+        if change.mode is not None:
+            if is_link:
+                raise OSError(errno.EOPNOTSUPP, "symlinks have no mode of their own")
+            os.chmod(proc_path(fd), stat.S_IMODE(change.mode))
+        if change.atime_ns is not None or change.mtime_ns is not None:
+            times = (_Timespec * 2)()
+            for slot, value in enumerate((change.atime_ns, change.mtime_ns)):
+                if value is None:
+                    times[slot].tv_sec, times[slot].tv_nsec = 0, _UTIME_OMIT
+                else:
+                    times[slot].tv_sec, times[slot].tv_nsec = divmod(value, 1_000_000_000)
+            _check(_libc.utimensat(fd, b"", times, _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW))
+        return os.fstat(fd)
+
+    def _kill_suid(self, fd: int, st: os.stat_result) -> None:
+        """Clear setuid (and setgid when group-executable) as a local filesystem does."""
+        mode = stat.S_IMODE(st.st_mode)
+        kill = _KILL_SUID
+        if mode & stat.S_IXGRP:
+            kill |= _KILL_SGID_IF_GROUP_EXEC
+        if mode & kill:
+            os.chmod(proc_path(fd), mode & ~kill)
+
+    def kill_suid_for_write(self, fd: int) -> None:
+        """Called once per handle before an unprivileged caller's first write."""
+        self._kill_suid(fd, os.fstat(fd))
+
+    def readlink(self, fd: int) -> bytes:
+        """The target of a symlink, as data."""
+        return os.readlink(b"", dir_fd=fd)
+
+    # -- creating entries ------------------------------------------------------------
+
+    def _owner_for_new(self, parent_fd: int, caller: Caller | None) -> tuple[int, int, bool]:
+        """(uid, gid, parent is setgid) for a new entry; uid -1 keeps the daemon's own."""
+        parent = os.fstat(parent_fd)
+        setgid_parent = bool(parent.st_mode & stat.S_ISGID)
+        if caller is None:
+            return -1, -1, setgid_parent
+        gid = parent.st_gid if setgid_parent else caller.gid
+        return caller.uid, gid, setgid_parent
+
+    def _finish_new(
+        self,
+        fd: int,
+        mode: int,
+        owner: tuple[int, int, bool],
+        caller: Caller | None,
+        *,
+        is_dir: bool = False,
+        is_link: bool = False,
+    ) -> os.stat_result:
+        uid, gid, setgid_parent = owner
+        if uid != -1:
+            # chown before chmod: a chown clears setuid/setgid bits.
+            _check(_libc.fchownat(fd, b"", uid, gid, _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW))
+        if not is_link:
+            wanted = stat.S_IMODE(mode)
+            if is_dir and setgid_parent:
+                wanted |= stat.S_ISGID
+            elif (
+                not is_dir
+                and wanted & stat.S_ISGID
+                and caller is not None
+                and not caller.privileged
+                and gid != caller.gid
+                and gid not in caller.groups
+            ):
+                wanted &= ~stat.S_ISGID
+            os.chmod(proc_path(fd), wanted)
+        return os.fstat(fd)
+
+    def _remove_new(self, parent_fd: int, name: bytes, is_dir: bool) -> None:
+        try:
+            if is_dir:
+                os.rmdir(name, dir_fd=parent_fd)
+            else:
+                os.unlink(name, dir_fd=parent_fd)
+        except OSError:
+            pass
+
+    def create(
+        self, parent_fd: int, name: bytes, mode: int, flags: int, caller: Caller | None
+    ) -> tuple[int, int, os.stat_result]:
+        """Create and open a regular file: (io fd, O_PATH fd, attributes)."""
+        owner = self._owner_for_new(parent_fd, caller)
+        open_flags = (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        io_fd = os.open(check_name(name), open_flags, 0o600, dir_fd=parent_fd)
+        try:
+            # Follows the magic link on purpose: it names the file just created.
+            fd = os.open(proc_path(io_fd), os.O_PATH | os.O_CLOEXEC)
+            try:
+                st = self._finish_new(fd, mode, owner, caller)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            os.close(io_fd)
+            self._remove_new(parent_fd, name, is_dir=False)
+            raise
+        return io_fd, fd, st
+
+    def mknod(
+        self, parent_fd: int, name: bytes, mode: int, rdev: int, caller: Caller | None
+    ) -> tuple[int, os.stat_result]:
+        """Create a regular file, FIFO or socket; device nodes are refused (EPERM)."""
+        kind = stat.S_IFMT(mode)
+        if kind in (stat.S_IFBLK, stat.S_IFCHR):
+            raise OSError(errno.EPERM, "device nodes are not allowed in a volume")
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, 0):
+            raise OSError(errno.EINVAL, "")
+        owner = self._owner_for_new(parent_fd, caller)
+        os.mknod(check_name(name), (kind or stat.S_IFREG) | 0o600, 0, dir_fd=parent_fd)
+        return self._finish_entry(parent_fd, name, mode, owner, caller)
+
+    def mkdir(
+        self, parent_fd: int, name: bytes, mode: int, caller: Caller | None
+    ) -> tuple[int, os.stat_result]:
+        """Create a directory."""
+        owner = self._owner_for_new(parent_fd, caller)
+        os.mkdir(check_name(name), 0o700, dir_fd=parent_fd)
+        return self._finish_entry(parent_fd, name, mode, owner, caller, is_dir=True)
+
+    def symlink(
+        self, parent_fd: int, name: bytes, target: bytes, caller: Caller | None
+    ) -> tuple[int, os.stat_result]:
+        """Create a symlink (its target is stored, never resolved by us)."""
+        owner = self._owner_for_new(parent_fd, caller)
+        os.symlink(target, check_name(name), dir_fd=parent_fd)
+        return self._finish_entry(parent_fd, name, 0o777, owner, caller, is_link=True)
+
+    def _finish_entry(
+        self,
+        parent_fd: int,
+        name: bytes,
+        mode: int,
+        owner: tuple[int, int, bool],
+        caller: Caller | None,
+        *,
+        is_dir: bool = False,
+        is_link: bool = False,
+    ) -> tuple[int, os.stat_result]:
+        try:
+            fd = os.open(name, PATH_FLAGS, dir_fd=parent_fd)
+        except BaseException:
+            self._remove_new(parent_fd, name, is_dir)
+            raise
+        try:
+            st = self._finish_new(fd, mode, owner, caller, is_dir=is_dir, is_link=is_link)
+        except BaseException:
+            os.close(fd)
+            self._remove_new(parent_fd, name, is_dir)
+            raise
+        return fd, st
+
+    def link(self, fd: int, new_parent_fd: int, name: bytes) -> os.stat_result:
+        """Hard-link the inode behind ``fd`` (already inside this volume) as ``name``."""
+        os.link(proc_path(fd), check_name(name), dst_dir_fd=new_parent_fd, follow_symlinks=True)
+        return os.fstat(fd)
+
+    # -- removing and renaming -------------------------------------------------------
+
+    def unlink(self, parent_fd: int, name: bytes) -> None:
+        """Remove a non-directory entry."""
+        os.unlink(check_name(name), dir_fd=parent_fd)
+
+    def rmdir(self, parent_fd: int, name: bytes) -> None:
+        """Remove an empty directory."""
+        os.rmdir(check_name(name), dir_fd=parent_fd)
+
+    def rename(
+        self, old_parent_fd: int, old: bytes, new_parent_fd: int, new: bytes, flags: int
+    ) -> None:
+        """rename/renameat2 with RENAME_NOREPLACE and RENAME_EXCHANGE."""
+        if flags & ~_RENAME_FLAGS:
+            raise OSError(errno.EINVAL, "unsupported rename flags")
+        check_name(old)
+        check_name(new)
+        if flags:
+            _check(_libc.renameat2(old_parent_fd, old, new_parent_fd, new, flags))
+        else:
+            os.rename(old, new, src_dir_fd=old_parent_fd, dst_dir_fd=new_parent_fd)
+
+    # -- files -------------------------------------------------------------------------
+
+    def open(self, fd: int, flags: int) -> int:
+        """Open the regular file behind ``fd`` for I/O with the caller's flags."""
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EISDIR if stat.S_ISDIR(mode) else errno.ELOOP, "")
+        return os.open(proc_path(fd), (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
+
+    def read(self, io_fd: int, offset: int, size: int) -> bytes:
+        """Read up to ``size`` bytes at ``offset``."""
+        return os.pread(io_fd, size, offset)
+
+    def write(self, io_fd: int, offset: int, data: bytes) -> int:
+        """Write at ``offset`` (at the end for an O_APPEND open, as pwrite does)."""
+        return os.pwrite(io_fd, data, offset)
+
+    def flush(self, io_fd: int) -> None:
+        """What close(2) of one of several duplicates does: report deferred errors."""
+        os.close(os.dup(io_fd))
+
+    def fsync(self, io_fd: int, datasync: bool) -> None:
+        """fsync or fdatasync the backing file."""
+        (os.fdatasync if datasync else os.fsync)(io_fd)
+
+    # -- directories -------------------------------------------------------------------
+
+    def list_directory(self, fd: int) -> list[bytes]:
+        """The names in a directory (without '.' and '..'), in the backing order."""
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.ENOTDIR, "")
+        dir_fd = os.open(proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return [name.encode("utf-8", "surrogateescape") for name in os.listdir(dir_fd)]
+        finally:
+            os.close(dir_fd)
+
+    def fsyncdir(self, fd: int, datasync: bool) -> None:
+        """fsync a directory."""
+        dir_fd = os.open(proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            (os.fdatasync if datasync else os.fsync)(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def statfs(self, fd: int) -> os.statvfs_result:
+        """statvfs of the filesystem holding the volume."""
+        return os.statvfs(proc_path(fd))
+
+    # -- extended attributes -----------------------------------------------------------
+    # Only the user.* namespace passes: trusted.* and security.* would let a consumer set
+    # what the host's kernel and LSMs trust (file capabilities, SELinux labels), and
+    # system.* (POSIX ACLs) is not supported by the views.
+
+    def _xattr_target(self, fd: int) -> str:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            # user.* attributes exist only on regular files and directories on Linux.
+            raise OSError(errno.EPERM, "")
+        return proc_path(fd)
+
+    def getxattr(self, fd: int, name: bytes) -> bytes:
+        """The value of an extended attribute."""
+        if not name.startswith(b"user."):
+            raise OSError(errno.ENODATA, "")
+        try:
+            target = self._xattr_target(fd)
+        except OSError:
+            raise OSError(errno.ENODATA, "") from None
+        return os.getxattr(target, name)
+
+    def listxattr(self, fd: int) -> list[bytes]:
+        """Extended attribute names."""
+        try:
+            target = self._xattr_target(fd)
+        except OSError:
+            return []
+        return [
+            encoded
+            for encoded in (n.encode("utf-8", "surrogateescape") for n in os.listxattr(target))
+            if encoded.startswith(b"user.")
+        ]
+
+    def setxattr(self, fd: int, name: bytes, value: bytes) -> None:
+        """Set an extended attribute."""
+        _check_xattr_write(name)
+        os.setxattr(self._xattr_target(fd), name, value)
+
+    def removexattr(self, fd: int, name: bytes) -> None:
+        """Remove an extended attribute."""
+        _check_xattr_write(name)
+        os.removexattr(self._xattr_target(fd), name)
+
+
+def _check_xattr_write(name: bytes) -> None:
+    if name.startswith((b"trusted.", b"security.")):
+        raise OSError(errno.EPERM, "trusted.* and security.* attributes are refused")
+    if not name.startswith(b"user."):
+        raise OSError(errno.EOPNOTSUPP, "")
