@@ -213,6 +213,83 @@ def cmd_df(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _owner(text: str) -> tuple[int, int]:
+    uid, sep, gid = text.partition(":")
+    if not (sep and uid.isdigit() and gid.isdigit()):
+        raise UsageError(f"invalid owner {text!r}: give UID:GID, e.g. --owner 1000:1000")
+    return int(uid), int(gid)
+
+
+def cmd_export_create(args: argparse.Namespace, out: TextIO) -> int:
+    """Export a volume as a FUSE view; print the export id and its mountpoint."""
+    owner = _owner(args.owner) if args.owner is not None else None
+    export = _client().create_export(
+        args.volume,
+        read_only=args.read_only,
+        owner=owner,
+        consumer=args.consumer,
+        cache=args.cache,
+    )
+    out.write(f"{export['id']}  {export['mountpoint']}\n")
+    return EXIT_OK
+
+
+def cmd_export_ls(args: argparse.Namespace, out: TextIO) -> int:
+    """List live exports."""
+    exports = _client().list_exports(args.volume)
+    if args.quiet:
+        out.writelines(e["id"] + "\n" for e in exports)
+    elif args.format == "json":
+        json.dump(exports, out, indent=2)
+        out.write("\n")
+    else:
+        rows = [
+            [
+                e["id"],
+                e["volume"]["name"] or e["volume"]["id"],
+                e["kind"],
+                "ro" if e["read_only"] else "rw",
+                f"{e['owner']['uid']}:{e['owner']['gid']}" if e["owner"] else "",
+                e["cache"],
+                e["consumer"] or "",
+                e["mountpoint"],
+            ]
+            for e in exports
+        ]
+        headers = [
+            "EXPORT ID",
+            "VOLUME",
+            "KIND",
+            "MODE",
+            "OWNER",
+            "CACHE",
+            "CONSUMER",
+            "MOUNTPOINT",
+        ]
+        print_table(rows, headers, out)
+    return EXIT_OK
+
+
+def cmd_export_inspect(args: argparse.Namespace, out: TextIO) -> int:
+    """Print exports as a JSON array."""
+    found, failed = _each(args.ids, _client().get_export)
+    json.dump(found, out, indent=2)
+    out.write("\n")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_export_rm(args: argparse.Namespace, out: TextIO) -> int:
+    """Tear exports down."""
+    client = _client()
+
+    def remove(export_id: str) -> None:
+        client.remove_export(export_id)
+        out.write(export_id + "\n")
+
+    _, failed = _each(args.ids, remove)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     """Run boxvold in the foreground."""
     from volumed import daemon
@@ -315,6 +392,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("df", help="space used by volumes")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_df)
+
+    p = sub.add_parser("export", help="export volumes as FUSE views")
+    export_sub = p.add_subparsers(dest="export_command", metavar="COMMAND", parser_class=_Parser)
+    export_sub.required = True
+    e = export_sub.add_parser("create", help="export a volume as a FUSE view")
+    e.add_argument("volume", metavar="VOLUME", help="volume name or id")
+    e.add_argument("--read-only", action="store_true", help="every write fails with EROFS")
+    e.add_argument("--owner", metavar="UID:GID", help="present every file as UID:GID")
+    e.add_argument("--consumer", help="free-form label of who uses the export")
+    e.add_argument(
+        "--cache",
+        choices=["auto", "none", "always"],
+        help="kernel caching: auto (default, 1 s), none, always (10 min)",
+    )
+    e.set_defaults(func=cmd_export_create)
+    e = export_sub.add_parser("ls", aliases=["list"], help="list exports")
+    e.add_argument("--volume", metavar="VOLUME", help="only exports of this volume")
+    e.add_argument("-q", "--quiet", action="store_true", help="only ids")
+    e.add_argument("--format", choices=["table", "json"], default="table")
+    e.set_defaults(func=cmd_export_ls)
+    e = export_sub.add_parser("inspect", help="show exports as JSON")
+    e.add_argument("ids", nargs="+", metavar="EXPORT_ID")
+    e.set_defaults(func=cmd_export_inspect)
+    e = export_sub.add_parser("rm", aliases=["remove"], help="tear exports down")
+    e.add_argument("ids", nargs="+", metavar="EXPORT_ID")
+    e.set_defaults(func=cmd_export_rm)
 
     p = sub.add_parser("version", help="client and daemon versions")
     p.set_defaults(func=cmd_version)

@@ -24,6 +24,7 @@ def home(tmp_path: Path) -> Path:
 def runtime_dir() -> Iterator[Path]:
     """A fresh, short runtime dir: unix socket paths must stay under 108 bytes."""
     path = Path(tempfile.mkdtemp(prefix="bv-", dir="/tmp"))
+    path.chmod(0o755)  # as /run/boxvol: other users (a container's, QEMU's) pass through
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

@@ -199,6 +199,45 @@ class Client:
         result: dict[str, Any] = self.request("POST", "/v1/volumes/prune", {"all": all_volumes})
         return result
 
+    # -- exports --------------------------------------------------------------------------
+
+    def create_export(
+        self,
+        volume: str,
+        *,
+        kind: str = "fuse",
+        read_only: bool = False,
+        owner: tuple[int, int] | None = None,
+        consumer: str | None = None,
+        cache: str | None = None,
+    ) -> dict[str, Any]:
+        """Export a volume (name or id) under a policy; answers with its mountpoint."""
+        body: dict[str, Any] = {"volume": volume, "kind": kind, "read_only": read_only}
+        if owner is not None:
+            body["owner"] = {"uid": owner[0], "gid": owner[1]}
+        if consumer is not None:
+            body["consumer"] = consumer
+        if cache is not None:
+            body["cache"] = cache
+        result: dict[str, Any] = self.request("POST", "/v1/exports", body)
+        return result
+
+    def list_exports(self, volume: str | None = None) -> list[dict[str, Any]]:
+        """Live exports (of one volume if given)."""
+        query = encode_query([("volume", volume)] if volume is not None else [])
+        exports: list[dict[str, Any]] = self.request("GET", "/v1/exports" + query)["exports"]
+        return exports
+
+    def get_export(self, export_id: str) -> dict[str, Any]:
+        """One live export."""
+        result: dict[str, Any] = self.request("GET", f"/v1/exports/{quote(export_id)}")
+        return result
+
+    def remove_export(self, export_id: str) -> dict[str, Any]:
+        """Tear an export down."""
+        result: dict[str, Any] = self.request("DELETE", f"/v1/exports/{quote(export_id)}")
+        return result
+
     def disk_usage(self) -> dict[str, Any]:
         """Per-volume usage, totals and host free space."""
         result: dict[str, Any] = self.request("GET", "/v1/system/df")

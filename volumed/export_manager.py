@@ -167,7 +167,7 @@ class ExportManager:
     async def _remove_locked(self, export_id: str) -> LiveExport:
         live = self.get(export_id)
         _, state = self._live.pop(live.export.id)
-        self.fs.remove_export(state)
+        await self.fs.remove_export(state)
         await self._thread(self.store.registry.remove_export, live.export.id)
         log.info("export removed id=%s volume=%s", live.export.id, live.volume.key)
         return live
@@ -181,10 +181,10 @@ class ExportManager:
                     await self._remove_locked(live.export.id)
             return await self._thread(functools.partial(self.store.remove, volume.id, force=force))
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Drop every export from the filesystem (the registry keeps them for next start)."""
         for _, state in list(self._live.values()):
-            self.fs.remove_export(state)
+            await self.fs.remove_export(state)
         self._live.clear()
 
 

@@ -34,11 +34,11 @@ async def api(
 class Daemon:
     """A boxvold subprocess and how to reach it."""
 
-    def __init__(self, home: Path, runtime_dir: Path) -> None:
+    def __init__(self, home: Path, runtime_dir: Path, log: Path | None = None) -> None:
         self.home = home
         self.runtime_dir = runtime_dir
         self.socket = runtime_dir / "boxvold.sock"
-        self.log = home.parent / "boxvold.log"
+        self.log = log or home.parent / "boxvold.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,6 +51,7 @@ class Daemon:
     def start(self, *extra: str) -> None:
         """Start boxvold and wait until this very process says it is serving."""
         self.home.parent.mkdir(parents=True, exist_ok=True)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(

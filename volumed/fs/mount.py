@@ -69,10 +69,12 @@ async def serve_fuse(
     await trio.to_thread.run_sync(detach_stale_mount, mountpoint)
     os.makedirs(mountpoint, mode=0o755, exist_ok=True)
     pyfuse3.init(fs, mountpoint, set(MOUNT_OPTIONS))
+    fs.mounted = True
     log.info("fuse mounted mountpoint=%s", mountpoint)
     try:
         task_status.started()
         await pyfuse3.main()
     finally:
+        fs.mounted = False
         pyfuse3.close(unmount=True)
         log.info("fuse unmounted mountpoint=%s", mountpoint)

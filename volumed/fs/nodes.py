@@ -169,10 +169,9 @@ class InodeTable:
         """Forget everything reached through ``export``: fds close once idle, and any
         later request on its inodes or handles gets ESTALE."""
         export.alive = False
-        for handle_id, handle in list(self._handles.items()):
+        for handle in self._handles.values():
             if handle.export is export:
-                del self._handles[handle_id]
-                handle.retire()
+                handle.retire()  # kept until release, so requests on it get ESTALE
         for node in list(self._nodes.values()):
             if node.export is export:
                 self._drop(node)

@@ -81,6 +81,7 @@ class BoxvolFS(pyfuse3.Operations):
     _dirs: dict[int, _DirHandle]
     _next_dir: int
     statfs_fd: int
+    mounted: bool
 
     def __init__(self, statfs_fd: int, *, threads: int = 16) -> None:
         super().__init__()
@@ -90,6 +91,8 @@ class BoxvolFS(pyfuse3.Operations):
         self._dirs = {}
         self._next_dir = 1
         self.statfs_fd = statfs_fd
+        #: True while the kernel has this filesystem mounted (set by ``serve_fuse``).
+        self.mounted = False
 
     # -- exports (called by the export manager on the trio loop) -----------------------
 
@@ -101,17 +104,19 @@ class BoxvolFS(pyfuse3.Operations):
         state.root = node
         self.exports[state.name] = state
 
-    def remove_export(self, state: ExportState) -> None:
+    async def remove_export(self, state: ExportState) -> None:
         """Make the export vanish: its directory, its inodes and its open files."""
         self.exports.pop(state.name, None)
         self.table.drop_export(state)
-        for handle_id, handle in list(self._dirs.items()):
-            if handle.export is state:
-                del self._dirs[handle_id]
+        if not self.mounted:
+            return
+        # In a worker thread: the kernel may need this loop to answer a request before the
+        # invalidation completes; waiting for it means the directory is gone on return.
         try:
-            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, state.name, ignore_enoent=True)
-        except Exception:  # the mount may be on its way down
-            log.debug("invalidate_entry failed export=%s", state.export.id, exc_info=True)
+            await trio.to_thread.run_sync(pyfuse3.invalidate_entry, pyfuse3.ROOT_INODE, state.name)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel never looked it up
+                log.warning("invalidate failed export=%s error=%s", state.export.id, exc)
 
     # -- helpers ---------------------------------------------------------------------
 

@@ -22,8 +22,9 @@ _UTIME_OMIT = (1 << 30) - 2
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 _RENAME_FLAGS = RENAME_NOREPLACE | RENAME_EXCHANGE
-#: Flags of a FUSE open that must not reach the reopen of an existing inode.
-_OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+#: Flags of a FUSE open that must not reach the reopen of an existing inode: the kernel
+#: has resolved the name already, and the /proc/self/fd reopen is itself a (magic) link.
+_OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW
 PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Mode bits a write, truncate or chown by an unprivileged caller takes away.
 _KILL_SUID = stat.S_ISUID

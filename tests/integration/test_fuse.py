@@ -1,0 +1,501 @@
+"""boxvold's FUSE exports on the real mount: operations, policies, escapes, lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Daemon
+from tests.integration.fuse_helpers import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RESOLVE_BENEATH,
+    RESOLVE_NO_SYMLINKS,
+    openat2,
+    renameat2,
+    run_as,
+)
+from volumed.errors import InUse, NotFound
+from volumed.fs.mount import mounted_at
+
+USER = (4242, 4242)
+
+
+class Export:
+    """A volume, its backing directory and one export of it."""
+
+    def __init__(self, daemon: Daemon, name: str, **policy: object) -> None:
+        self.daemon = daemon
+        client = daemon.client()
+        volumes = {v["name"] for v in client.list_volumes()}
+        if name not in volumes:
+            client.create_volume(name)
+        self.info = client.create_export(name, **policy)  # type: ignore[arg-type]
+        self.id: str = self.info["id"]
+        self.path = Path(self.info["mountpoint"])
+        self.backing = daemon.home / "volumes" / "named" / name
+
+
+@pytest.fixture
+def export(daemon: Daemon) -> Iterator[Export]:
+    yield Export(daemon, "data")
+
+
+def test_export_appears_and_lists_only_live_exports(daemon: Daemon, export: Export) -> None:
+    root = daemon.runtime_dir / "fs"
+    assert mounted_at(str(root))
+    assert os.listdir(root) == [export.id]
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o711
+    other = Export(daemon, "other")
+    assert sorted(os.listdir(root)) == sorted([export.id, other.id])
+    assert daemon.client().list_exports("other")[0]["id"] == other.id
+    daemon.client().remove_export(other.id)
+    assert os.listdir(root) == [export.id]
+    with pytest.raises(FileNotFoundError):
+        os.stat(other.path)
+
+
+def test_files_and_directories(export: Export) -> None:
+    p = export.path
+    (p / "a.txt").write_bytes(b"hello")
+    assert (export.backing / "a.txt").read_bytes() == b"hello"
+    assert (p / "a.txt").read_bytes() == b"hello"
+    (p / "dir" / "sub").mkdir(parents=True)
+    os.rename(p / "a.txt", p / "dir" / "b.txt")
+    assert sorted(os.listdir(p)) == ["dir"]
+    os.link(p / "dir" / "b.txt", p / "hard")
+    assert os.stat(p / "hard").st_nlink == 2
+    assert os.stat(p / "hard").st_ino == os.stat(p / "dir" / "b.txt").st_ino
+    os.symlink("dir/b.txt", p / "link")
+    assert os.readlink(p / "link") == "dir/b.txt"
+    assert os.lstat(p / "link").st_mode & stat.S_IFMT(0o170000) == stat.S_IFLNK
+    os.unlink(p / "hard")
+    assert os.stat(p / "dir" / "b.txt").st_nlink == 1
+    with pytest.raises(OSError) as caught:
+        os.rmdir(p / "dir")
+    assert caught.value.errno == errno.ENOTEMPTY
+    os.rmdir(p / "dir" / "sub")
+    os.mkfifo(p / "fifo")
+    assert stat.S_ISFIFO(os.lstat(p / "fifo").st_mode)
+    st = os.statvfs(p)
+    assert st.f_namemax == 255
+    long_name = "n" * 255
+    (p / long_name).write_text("x")
+    with pytest.raises(OSError) as caught:
+        (p / ("n" * 256)).write_text("x")
+    assert caught.value.errno == errno.ENAMETOOLONG
+
+
+def test_attributes(export: Export) -> None:
+    f = export.path / "f"
+    f.write_bytes(b"0123456789")
+    os.chmod(f, 0o640)
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o640
+    os.chown(f, 1234, 5678)
+    assert (os.stat(export.backing / "f").st_uid, os.stat(f).st_gid) == (1234, 5678)
+    os.truncate(f, 4)
+    assert f.read_bytes() == b"0123"
+    os.truncate(f, 6)
+    assert f.read_bytes() == b"0123\0\0"
+    os.utime(f, ns=(1_000_000_000, 2_000_000_123))
+    st = os.stat(f)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_000, 2_000_000_123)
+    os.utime(f)  # UTIME_NOW for both
+    assert os.stat(f).st_mtime_ns > 2_000_000_123
+
+
+def test_renames_with_flags(export: Export) -> None:
+    p = export.path
+    (p / "a").write_text("A")
+    (p / "b").write_text("B")
+    with pytest.raises(FileExistsError):
+        renameat2(p / "a", p / "b", RENAME_NOREPLACE)
+    renameat2(p / "a", p / "b", RENAME_EXCHANGE)
+    assert ((p / "a").read_text(), (p / "b").read_text()) == ("B", "A")
+    renameat2(p / "a", p / "c", RENAME_NOREPLACE)
+    assert sorted(os.listdir(p)) == ["b", "c"]
+
+
+def test_append_and_trunc_are_per_open(export: Export) -> None:
+    f = export.path / "log"
+    f.write_bytes(b"abc")
+    appender = os.open(f, os.O_WRONLY | os.O_APPEND)
+    plain = os.open(f, os.O_WRONLY)
+    try:
+        os.write(plain, b"X")
+        os.write(appender, b"def")
+        os.pwrite(appender, b"ghi", 0)  # O_APPEND: pwrite still appends on Linux
+        os.write(plain, b"Y")
+    finally:
+        os.close(appender)
+        os.close(plain)
+    assert f.read_bytes() == b"XYcdefghi"
+    fd = os.open(f, os.O_WRONLY | os.O_TRUNC)
+    os.close(fd)
+    assert f.read_bytes() == b""
+
+
+def test_fsync_and_xattrs(export: Export) -> None:
+    f = export.path / "x"
+    fd = os.open(f, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.write(fd, b"data")
+        os.fsync(fd)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(export.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    os.setxattr(f, "user.colour", b"blue")
+    assert os.getxattr(f, "user.colour") == b"blue"
+    assert os.listxattr(f) == ["user.colour"]
+    assert os.getxattr(export.backing / "x", "user.colour") == b"blue"
+    for name in ("trusted.secret", "security.evil"):
+        with pytest.raises(PermissionError):
+            os.setxattr(f, name, b"x")
+    os.setxattr(export.backing / "x", "trusted.hidden", b"host only")
+    assert os.listxattr(f) == ["user.colour"]
+    with pytest.raises(OSError) as caught:
+        os.getxattr(f, "trusted.hidden")
+    assert caught.value.errno == errno.ENODATA
+    os.removexattr(f, "user.colour")
+    assert os.listxattr(f) == []
+
+
+def test_no_device_nodes(export: Export) -> None:
+    for kind in (stat.S_IFBLK, stat.S_IFCHR):
+        with pytest.raises(PermissionError):
+            os.mknod(export.path / "dev", kind | 0o600, os.makedev(8, 0))
+    assert not (export.backing / "dev").exists()
+    os.mknod(export.path / "regular", stat.S_IFREG | 0o600)
+    assert (export.backing / "regular").is_file()
+
+
+def test_new_entries_belong_to_the_caller_with_their_exact_mode(export: Export) -> None:
+    shared = export.path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    os.chmod(export.path, 0o755)  # the volume root is 0700; let others in
+    code = (
+        "import os, sys; d = sys.argv[1]; "
+        "os.close(os.open(d + '/f', os.O_CREAT | os.O_WRONLY, 0o666)); "
+        "os.mkdir(d + '/d', 0o777); os.symlink('f', d + '/l'); os.mkfifo(d + '/p', 0o666); "
+        "os.close(os.open(d + '/exact', os.O_CREAT | os.O_WRONLY, 0o640))"
+    )
+    run_as(*USER, code, str(shared), umask=0o022)
+    expected = {"f": 0o644, "d": 0o755, "p": 0o644, "exact": 0o640}
+    for name, mode in expected.items():
+        st = os.lstat(export.backing / "shared" / name)
+        assert (st.st_uid, st.st_gid) == USER, name
+        assert stat.S_IMODE(st.st_mode) == mode, name
+    assert os.lstat(export.backing / "shared" / "l").st_uid == USER[0]
+
+
+def test_setgid_directories_are_honoured(export: Export) -> None:
+    os.chmod(export.path, 0o755)
+    team = export.path / "team"
+    team.mkdir()
+    os.chown(team, 0, 777)
+    os.chmod(team, 0o2777)
+    code = (
+        "import os, sys; d = sys.argv[1]; "
+        "os.close(os.open(d + '/f', os.O_CREAT | os.O_WRONLY, 0o644)); os.mkdir(d + '/sub', 0o755)"
+    )
+    run_as(*USER, code, str(team))
+    f = os.stat(export.backing / "team" / "f")
+    sub = os.stat(export.backing / "team" / "sub")
+    assert (f.st_uid, f.st_gid) == (USER[0], 777)
+    assert (sub.st_uid, sub.st_gid) == (USER[0], 777)
+    assert sub.st_mode & stat.S_ISGID
+
+
+def test_setuid_is_cleared_when_another_user_writes(export: Export) -> None:
+    os.chmod(export.path, 0o755)
+    f = export.path / "tool"
+    f.write_bytes(b"#!/bin/sh\n")
+    os.chown(f, USER[0], USER[1])
+    os.chmod(f, 0o6775)
+    run_as(*USER, "import sys; open(sys.argv[1], 'ab').write(b'echo\\n')", str(f))
+    assert stat.S_IMODE(os.stat(export.backing / "tool").st_mode) == 0o0775
+    os.chmod(f, 0o4755)
+    run_as(*USER, "import os, sys; os.truncate(sys.argv[1], 1)", str(f))
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o755
+    os.chmod(f, 0o4755)
+    os.chown(f, USER[0], 0)
+    assert not os.stat(f).st_mode & stat.S_ISUID
+
+
+def test_read_only_export(daemon: Daemon) -> None:
+    writable = Export(daemon, "data")
+    (writable.path / "kept").write_text("kept")
+    (writable.path / "dir").mkdir()
+    ro = Export(daemon, "data", read_only=True)
+    assert (ro.path / "kept").read_text() == "kept"
+    attempts = [
+        lambda: (ro.path / "new").write_text("x"),
+        lambda: (ro.path / "kept").write_text("x"),
+        lambda: open(ro.path / "kept", "ab").close(),  # noqa: SIM115
+        lambda: os.truncate(ro.path / "kept", 0),
+        lambda: os.mkdir(ro.path / "d2"),
+        lambda: os.rmdir(ro.path / "dir"),
+        lambda: os.unlink(ro.path / "kept"),
+        lambda: os.rename(ro.path / "kept", ro.path / "k2"),
+        lambda: os.symlink("x", ro.path / "l"),
+        lambda: os.link(ro.path / "kept", ro.path / "h"),
+        lambda: os.chmod(ro.path / "kept", 0o777),
+        lambda: os.chown(ro.path / "kept", 1, 1),
+        lambda: os.utime(ro.path / "kept"),
+        lambda: os.mkfifo(ro.path / "p"),
+        lambda: os.setxattr(ro.path / "kept", "user.a", b"1"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as caught:
+            attempt()
+        assert caught.value.errno == errno.EROFS
+    assert (writable.backing / "kept").read_text() == "kept"
+    assert sorted(os.listdir(writable.backing)) == ["dir", "kept"]
+
+
+def test_ownership_mapping(daemon: Daemon) -> None:
+    mapped = Export(daemon, "data", owner=USER)
+    (mapped.path / "f").write_text("x")
+    (mapped.path / "d").mkdir()
+    for name in ("", "f", "d"):
+        st = os.stat(mapped.path / name)
+        assert (st.st_uid, st.st_gid) == USER
+        backing = os.stat(mapped.backing / name)
+        assert (backing.st_uid, backing.st_gid) == (0, 0)
+    os.chown(mapped.path / "f", *USER)  # to the presented owner: accepted, nothing changes
+    with pytest.raises(PermissionError):
+        os.chown(mapped.path / "f", 1, 1)
+    # The mapped user owns what it sees, so it can write into the 0700 volume root.
+    run_as(*USER, "import sys; open(sys.argv[1] + '/mine', 'w').write('y')", str(mapped.path))
+    assert os.stat(mapped.backing / "mine").st_uid == 0
+    plain = Export(daemon, "data")
+    assert os.stat(plain.path / "f").st_uid == 0
+
+
+def test_escapes_planted_while_live(export: Export, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("host secret")
+    p, backing = export.path, export.backing
+    (backing / "d").mkdir()
+    (backing / "d" / "inner").write_text("inside")
+    os.symlink("/etc", backing / "etc-link")
+    os.symlink(outside, backing / "out-link")
+
+    # A symlink is data: the export returns the link, never what it points to.
+    assert os.readlink(p / "out-link") == str(outside)
+    root_fd = os.open(p, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError) as caught:
+            openat2(root_fd, "out-link/secret", os.O_RDONLY, RESOLVE_NO_SYMLINKS)
+        assert caught.value.errno == errno.ELOOP
+        with pytest.raises(OSError) as caught:
+            os.open("out-link", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=root_fd)
+        assert caught.value.errno == errno.ELOOP
+
+        # A symlink swapped in for a directory mid-walk: the daemon keeps resolving under
+        # the directory it had looked up, never under the link's target.
+        dir_fd = openat2(root_fd, "d", os.O_PATH | os.O_DIRECTORY, RESOLVE_NO_SYMLINKS)
+        os.rename(backing / "d", backing / "d-moved")
+        os.symlink(outside, backing / "d")
+        fd = os.open("inner", os.O_RDONLY, dir_fd=dir_fd)
+        assert os.read(fd, 100) == b"inside"
+        os.close(fd)
+        with pytest.raises(FileNotFoundError):
+            os.open("secret", os.O_RDONLY, dir_fd=dir_fd)
+        os.close(dir_fd)
+        for path in ("d/secret", "d/../out-link/secret", "etc-link/passwd"):
+            with pytest.raises(OSError) as caught:
+                openat2(root_fd, path, os.O_RDONLY, RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH)
+            assert caught.value.errno in (errno.ELOOP, errno.EXDEV, errno.ENOENT), path
+    finally:
+        os.close(root_fd)
+
+    # Hard links cannot reach in from outside the export.
+    with pytest.raises(OSError) as caught:
+        os.link(outside / "secret", p / "stolen")
+    assert caught.value.errno == errno.EXDEV
+    assert not (backing / "stolen").exists()
+    assert (outside / "secret").read_text() == "host secret"
+
+
+def test_links_and_renames_never_cross_exports(daemon: Daemon) -> None:
+    a = Export(daemon, "a")
+    b = Export(daemon, "b")
+    (a.path / "f").write_text("a")
+    for attempt in (
+        lambda: os.link(a.path / "f", b.path / "f"),
+        lambda: os.rename(a.path / "f", b.path / "f"),
+    ):
+        with pytest.raises(OSError) as caught:
+            attempt()
+        assert caught.value.errno == errno.EXDEV
+    assert not (b.backing / "f").exists()
+
+
+def test_removed_export_vanishes_and_open_files_go_stale(daemon: Daemon, export: Export) -> None:
+    (export.path / "f").write_bytes(b"x" * 10000)
+    fd = os.open(export.path / "f", os.O_RDWR)
+    dir_fd = os.open(export.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        daemon.client().remove_export(export.id)
+        assert not export.path.exists()
+        for attempt in (
+            lambda: os.pwrite(fd, b"y", 0),
+            lambda: os.open("f", os.O_RDONLY, dir_fd=dir_fd),
+        ):
+            with pytest.raises(OSError) as caught:
+                attempt()
+            assert caught.value.errno in (errno.ESTALE, errno.EIO, errno.ENOENT)
+    finally:
+        with contextlib.suppress(OSError):  # close reports the stale handle too
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(dir_fd)
+    assert (export.backing / "f").read_bytes() == b"x" * 10000
+
+
+def test_exported_volume_is_in_use(daemon: Daemon, export: Export) -> None:
+    client = daemon.client()
+    assert client.get_volume("data")["in_use"] is True
+    with pytest.raises(InUse):
+        client.remove_volume("data")
+    (export.path / "f").write_text("x")
+    client.remove_volume("data", force=True)
+    assert not export.path.exists()
+    assert client.list_exports() == []
+    with pytest.raises(NotFound):
+        client.get_export(export.id)
+
+
+def test_readdir_offsets_survive_changes(export: Export) -> None:
+    names = {f"f{i:03d}" for i in range(300)}
+    for name in names:
+        (export.backing / name).write_text("")
+    seen = []
+    with os.scandir(export.path) as entries:
+        for i, entry in enumerate(entries):
+            seen.append(entry.name)
+            if i == 10:
+                for j in range(50):
+                    (export.backing / f"new{j}").write_text("")
+                    os.unlink(export.backing / f"f{299 - j:03d}")
+    assert len(seen) == len(set(seen))
+    survivors = {f"f{i:03d}" for i in range(250)}
+    assert survivors <= set(seen)
+
+
+def test_deep_paths(export: Export) -> None:
+    path = export.path
+    depth = 0
+    while len(str(path)) < 3900:
+        path = path / ("d" * 200)
+        depth += 1
+    os.makedirs(path)
+    (path / "leaf").write_text("deep")
+    assert (path / "leaf").read_text() == "deep"
+    assert depth > 15
+
+
+def test_a_slow_client_does_not_stall_others(daemon: Daemon, export: Export) -> None:
+    """Blocking syscalls run in worker threads: while one client's fsync is stuck in the
+    kernel (the backing filesystem is frozen), another client's stat is still answered."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    image_dir = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    image, mnt = image_dir / "fs.img", image_dir / "mnt"
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        # The log stays off the filesystem that gets frozen.
+        frozen = Daemon(
+            mnt / "home",
+            daemon.runtime_dir.with_name(daemon.runtime_dir.name + "z"),
+            log=image_dir / "boxvold.log",
+        )
+        frozen.start()
+        try:
+            # No kernel caching: every stat below must be answered by the daemon itself.
+            ex = Export(frozen, "data", cache="none")
+            (ex.path / "probe").write_text("x")
+            subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
+            writer = threading.Thread(
+                target=lambda: (ex.path / "w").write_bytes(b"y" * 100000), daemon=True
+            )
+            try:
+                writer.start()
+                _wait_for_blocked_thread(frozen)
+                # (Only stats: reading a directory would update its atime, which the frozen
+                # filesystem blocks in the kernel for any process, FUSE or not.)
+                for _ in range(20):
+                    assert os.stat(ex.path / "probe").st_size == 1
+                assert writer.is_alive()
+            finally:
+                subprocess.run(["fsfreeze", "-u", str(mnt)], check=True)
+            writer.join(60)
+            assert not writer.is_alive()
+        finally:
+            assert frozen.stop() == 0
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+        shutil.rmtree(image_dir)
+
+
+def _wait_for_blocked_thread(daemon: Daemon) -> None:
+    """Poll (bounded) until one of boxvold's threads sleeps uninterruptibly in the kernel."""
+    import time
+
+    assert daemon.process is not None
+    deadline = time.monotonic() + 30
+    tasks = Path(f"/proc/{daemon.process.pid}/task")
+    while time.monotonic() < deadline:
+        for task in tasks.iterdir():
+            try:
+                state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state == "D":
+                return
+        time.sleep(0.01)
+    raise AssertionError("no boxvold thread blocked on the frozen filesystem")
+
+
+def test_crash_leaves_a_stale_mount_that_the_next_start_recovers(
+    home: Path, runtime_dir: Path
+) -> None:
+    daemon = Daemon(home, runtime_dir)
+    daemon.start()
+    ex = Export(daemon, "data")
+    (ex.path / "f").write_text("survives")
+    daemon.stop(signal.SIGKILL)
+    mount_root = runtime_dir / "fs"
+    assert mounted_at(str(mount_root))
+    with pytest.raises(OSError) as caught:
+        os.listdir(mount_root)
+    assert caught.value.errno == errno.ENOTCONN
+    daemon.start()
+    try:
+        assert "detached a stale mount" in daemon.log.read_text()
+        assert (ex.path / "f").read_text() == "survives"
+        assert [e["id"] for e in daemon.client().list_exports()] == [ex.id]
+    finally:
+        assert daemon.stop() == 0
+    assert not mounted_at(str(mount_root))
