@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 STAMP := .stamps
 
 # Debian packages: FUSE and libvirt headers to build pyfuse3 and libvirt-python, podman and
-# hyperfine for the CLI start-up benchmark, systemd for `systemd-analyze verify` of our units.
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config libvirt-dev gcc python3-dev podman hyperfine systemd
+# hyperfine for the CLI start-up benchmark, systemd for `systemd-analyze verify` of our units,
+# fio for the FUSE benchmark, e2fsprogs and util-linux (mkfs.ext4, fsfreeze) for FUSE tests.
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config libvirt-dev gcc python3-dev podman hyperfine systemd \
+	fio e2fsprogs util-linux
 
 .PHONY: setup test lint typecheck unit integration demo bench openapi clean
 
@@ -29,8 +31,8 @@ $(STAMP)/venv: $(STAMP)/apt pyproject.toml
 	@touch $@
 
 lint: setup
-	$(BIN)/ruff check volumed vmdriver cli tests bench demo
-	$(BIN)/ruff format --check volumed vmdriver cli tests bench demo
+	$(BIN)/ruff check volumed vmdriver cli tests bench demo guest
+	$(BIN)/ruff format --check volumed vmdriver cli tests bench demo guest
 
 typecheck: setup
 	$(BIN)/mypy
@@ -42,7 +44,7 @@ integration: setup
 	$(BIN)/pytest -q tests/integration
 
 test: setup
-	$(BIN)/ruff check volumed vmdriver cli tests bench demo
+	$(BIN)/ruff check volumed vmdriver cli tests bench demo guest
 	$(BIN)/mypy
 	$(BIN)/python -m volumed.openapi --check docs/openapi.json
 	$(BIN)/pytest -q
@@ -53,6 +55,7 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/control_plane.py
 	$(BIN)/python bench/cli_startup.py
+	$(BIN)/python bench/fuse.py
 
 openapi: setup
 	$(BIN)/python -m volumed.openapi --write docs/openapi.json

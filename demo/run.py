@@ -40,7 +40,8 @@ def main() -> int:
         print(f"$ boxvold --home {home} --runtime-dir {runtime} &", flush=True)
         daemon = subprocess.Popen(
             [str(BIN / "boxvold"), "--home", str(home), "--runtime-dir", str(runtime)],
-            stderr=subprocess.PIPE, text=True,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             deadline = time.monotonic() + 30

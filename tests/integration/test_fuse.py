@@ -8,7 +8,7 @@ import os
 import signal
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -242,10 +242,10 @@ def test_read_only_export(daemon: Daemon) -> None:
     (writable.path / "dir").mkdir()
     ro = Export(daemon, "data", read_only=True)
     assert (ro.path / "kept").read_text() == "kept"
-    attempts = [
+    attempts: list[Callable[[], object]] = [
         lambda: (ro.path / "new").write_text("x"),
         lambda: (ro.path / "kept").write_text("x"),
-        lambda: open(ro.path / "kept", "ab").close(),  # noqa: SIM115
+        lambda: open(ro.path / "kept", "ab").close(),
         lambda: os.truncate(ro.path / "kept", 0),
         lambda: os.mkdir(ro.path / "d2"),
         lambda: os.rmdir(ro.path / "dir"),
@@ -337,10 +337,11 @@ def test_links_and_renames_never_cross_exports(daemon: Daemon) -> None:
     a = Export(daemon, "a")
     b = Export(daemon, "b")
     (a.path / "f").write_text("a")
-    for attempt in (
+    crossings: list[Callable[[], object]] = [
         lambda: os.link(a.path / "f", b.path / "f"),
         lambda: os.rename(a.path / "f", b.path / "f"),
-    ):
+    ]
+    for attempt in crossings:
         with pytest.raises(OSError) as caught:
             attempt()
         assert caught.value.errno == errno.EXDEV
@@ -354,10 +355,11 @@ def test_removed_export_vanishes_and_open_files_go_stale(daemon: Daemon, export:
     try:
         daemon.client().remove_export(export.id)
         assert not export.path.exists()
-        for attempt in (
+        stale: list[Callable[[], object]] = [
             lambda: os.pwrite(fd, b"y", 0),
             lambda: os.open("f", os.O_RDONLY, dir_fd=dir_fd),
-        ):
+        ]
+        for attempt in stale:
             with pytest.raises(OSError) as caught:
                 attempt()
             assert caught.value.errno in (errno.ESTALE, errno.EIO, errno.ENOENT)
