@@ -131,25 +131,34 @@ def _each(refs: list[str], action: Callable[[str], Any]) -> tuple[list[Any], boo
     return results, failed
 
 
-def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
-    """Print the named volumes as a JSON array."""
-    client = _client()
-    found, failed = _each(args.refs, client.get_volume)
+def _inspect_each(refs: list[str], get: Callable[[str], Any], out: TextIO) -> int:
+    """Print what ``get`` answers for each ref as one JSON array; exit 1 if any failed."""
+    found, failed = _each(refs, get)
     json.dump(found, out, indent=2)
     out.write("\n")
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _remove_each(refs: list[str], remove: Callable[[str], Any], out: TextIO) -> int:
+    """Remove each ref, printing the ones removed; exit 1 if any failed."""
+
+    def remove_and_say(ref: str) -> None:
+        remove(ref)
+        out.write(ref + "\n")
+
+    _, failed = _each(refs, remove_and_say)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
+    """Print the named volumes as a JSON array."""
+    return _inspect_each(args.refs, _client().get_volume, out)
+
+
 def cmd_rm(args: argparse.Namespace, out: TextIO) -> int:
     """Remove volumes (and their data); -f also removes volumes in use."""
     client = _client()
-
-    def remove(ref: str) -> None:
-        client.remove_volume(ref, force=args.force)
-        out.write(ref + "\n")
-
-    _, failed = _each(args.refs, remove)
-    return EXIT_FAILED if failed else EXIT_OK
+    return _remove_each(args.refs, lambda ref: client.remove_volume(ref, force=args.force), out)
 
 
 def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
@@ -272,22 +281,12 @@ def cmd_export_ls(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_export_inspect(args: argparse.Namespace, out: TextIO) -> int:
     """Print exports as a JSON array."""
-    found, failed = _each(args.ids, _client().get_export)
-    json.dump(found, out, indent=2)
-    out.write("\n")
-    return EXIT_FAILED if failed else EXIT_OK
+    return _inspect_each(args.ids, _client().get_export, out)
 
 
 def cmd_export_rm(args: argparse.Namespace, out: TextIO) -> int:
     """Tear exports down."""
-    client = _client()
-
-    def remove(export_id: str) -> None:
-        client.remove_export(export_id)
-        out.write(export_id + "\n")
-
-    _, failed = _each(args.ids, remove)
-    return EXIT_FAILED if failed else EXIT_OK
+    return _remove_each(args.ids, _client().remove_export, out)
 
 
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:

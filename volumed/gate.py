@@ -15,7 +15,7 @@ import stat
 from volumed.errors import OutsideManagedRoots
 from volumed.locations import Layout
 from volumed.model import Volume
-from volumed.names import check_name, is_volume_id
+from volumed.names import is_valid_name, is_volume_id
 
 
 def _refuse(layout: Layout, what: str, why: str) -> OutsideManagedRoots:
@@ -37,7 +37,7 @@ def volume_directory(layout: Layout, volume: Volume) -> str:
     """The canonical directory of ``volume``; raises OutsideManagedRoots otherwise."""
     key = volume.key
     if volume.kind == "named":
-        valid_key = volume.name is not None and _is_valid_name(key)
+        valid_key = volume.name is not None and is_valid_name(key)
     else:
         valid_key = volume.name is None and is_volume_id(key)
     if not valid_key:
@@ -65,7 +65,7 @@ def check_volume_path(layout: Layout, path: str) -> str:
     named_root, anonymous_root = managed_roots(layout)
     canonical = os.path.realpath(path)
     parent, key = os.path.split(canonical)
-    if parent == named_root and _is_valid_name(key):
+    if parent == named_root and is_valid_name(key):
         kind = "named"
     elif parent == anonymous_root and is_volume_id(key):
         kind = "anonymous"
@@ -78,14 +78,6 @@ def check_volume_path(layout: Layout, path: str) -> str:
         name=key if kind == "named" else None,
     )
     return volume_directory(layout, record)
-
-
-def _is_valid_name(key: str) -> bool:
-    try:
-        check_name(key)
-    except Exception:
-        return False
-    return True
 
 
 def open_volume_directory(layout: Layout, volume: Volume) -> tuple[int, os.stat_result]:

@@ -57,6 +57,15 @@ def check_name(name: str) -> str:
     return name
 
 
+def is_valid_name(name: str) -> bool:
+    """True if ``name`` passes ``check_name``."""
+    try:
+        check_name(name)
+    except InvalidArgument:
+        return False
+    return True
+
+
 def check_labels(labels: dict[str, str]) -> dict[str, str]:
     """Return ``labels`` if every key and value follows LABEL_RULE, else raise."""
     if len(labels) > MAX_LABELS:

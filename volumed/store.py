@@ -20,7 +20,6 @@ from ulid import ULID
 
 from volumed.errors import (
     AmbiguousReference,
-    BoxvolError,
     Conflict,
     HostPathRefused,
     InUse,
@@ -32,7 +31,7 @@ from volumed.errors import (
 from volumed.gate import volume_directory
 from volumed.locations import Layout
 from volumed.model import KINDS, ListFilter, Volume, VolumeKind
-from volumed.names import check_labels, check_name, is_id_prefix, is_volume_id
+from volumed.names import check_labels, check_name, is_id_prefix, is_valid_name, is_volume_id
 from volumed.registry import Registry
 from volumed.sizes import check_inodes, check_size
 
@@ -447,7 +446,7 @@ class VolumeStore:
 
     def _adopt_or_quarantine(self, kind: VolumeKind, entry: str, root_fd: int) -> ReconcileAction:
         st = os.lstat(entry, dir_fd=root_fd)
-        valid = is_volume_id(entry) if kind == "anonymous" else _valid_name(entry)
+        valid = is_volume_id(entry) if kind == "anonymous" else is_valid_name(entry)
         # Anonymous directories are named by the upper-case id; another spelling of a
         # registered id is not adoptable (it would collide with that volume).
         if valid and kind == "anonymous" and entry != entry.upper():
@@ -495,11 +494,3 @@ def _is_symlink(name: str, dir_fd: int) -> bool:
         return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
     except OSError:
         return False
-
-
-def _valid_name(entry: str) -> bool:
-    try:
-        check_name(entry)
-    except BoxvolError:
-        return False
-    return True

@@ -172,3 +172,38 @@ def test_serve_runs_the_daemon_in_the_foreground(home: Path, runtime_dir: Path) 
     assert "boxvold stopping signal=SIGTERM" in output
     assert not socket_path.exists()
     assert (home / "volumes" / "named" / "x").is_dir()
+
+
+def test_export_commands(daemon: Daemon) -> None:
+    ok(daemon, "create", "data")
+    export_id, mountpoint = ok(
+        daemon,
+        "export",
+        "create",
+        "data",
+        "--read-only",
+        "--owner",
+        "1000:1000",
+        "--consumer",
+        "ci",
+    ).split()
+    assert Path(mountpoint).is_dir()
+    table = ok(daemon, "export", "ls").splitlines()
+    assert table[0].split()[:3] == ["EXPORT", "ID", "VOLUME"]
+    assert export_id in table[1] and "ro" in table[1].split() and "1000:1000" in table[1]
+    assert ok(daemon, "export", "ls", "-q", "--volume", "data") == export_id + "\n"
+    inspected = json.loads(ok(daemon, "export", "inspect", export_id))
+    assert inspected[0]["owner"] == {"uid": 1000, "gid": 1000}
+    assert inspected[0]["mountpoint"] == mountpoint
+    in_use = boxvol(daemon, "rm", "data")
+    assert in_use.returncode == 1
+    assert "boxvol rm -f data" in in_use.stderr
+    assert ok(daemon, "export", "rm", export_id) == export_id + "\n"
+    assert not Path(mountpoint).exists()
+    bad_owner = boxvol(daemon, "export", "create", "data", "--owner", "me")
+    assert bad_owner.returncode == 2
+    assert "UID:GID" in bad_owner.stderr
+    missing = boxvol(daemon, "export", "rm", export_id)
+    assert missing.returncode == 1
+    assert "boxvol export ls" in missing.stderr
+    ok(daemon, "rm", "data")
