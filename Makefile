@@ -7,11 +7,13 @@ STAMP := .stamps
 
 # Debian packages: FUSE and libvirt headers to build pyfuse3 and libvirt-python, podman and
 # hyperfine for the CLI start-up benchmark, systemd for `systemd-analyze verify` of our units,
-# fio for the FUSE benchmark, e2fsprogs and util-linux (mkfs.ext4, fsfreeze) for FUSE tests.
+# fio for the FUSE benchmark, e2fsprogs and util-linux (mkfs.ext4, fsfreeze) for FUSE tests;
+# QEMU's virtiofsd, libvirt, and a Debian kernel + busybox for the test guest (guest/).
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config libvirt-dev gcc python3-dev podman hyperfine systemd \
-	fio e2fsprogs util-linux
+	fio e2fsprogs util-linux qemu-system-common qemu-system-x86 qemu-utils \
+	libvirt-daemon-system linux-image-amd64 busybox-static cpio
 
-.PHONY: setup test lint typecheck unit integration demo bench openapi clean
+.PHONY: setup services test lint typecheck unit integration demo bench openapi clean
 
 setup: $(STAMP)/venv
 
@@ -43,7 +45,13 @@ unit: setup
 integration: setup
 	$(BIN)/pytest -q tests/integration
 
-test: setup
+# libvirtd and virtlogd, started by hand where systemd is not PID 1 (CI, containers).
+services: setup
+	@pgrep -x virtlogd >/dev/null || virtlogd -d
+	@pgrep -x libvirtd >/dev/null || libvirtd -d
+	@for i in $$(seq 1 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
+
+test: setup services
 	$(BIN)/ruff check volumed vmdriver cli tests bench demo guest
 	$(BIN)/mypy
 	$(BIN)/python -m volumed.openapi --check docs/openapi.json

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from volumed import API_VERSION, __version__, errors
 from volumed.export_manager import ExportManager
-from volumed.exports import ExportPolicy
+from volumed.exports import ExportPolicy, VirtiofsTarget
 from volumed.model import ListFilter, Volume
 from volumed.names import parse_label
 from volumed.schemas import (
@@ -38,6 +38,7 @@ from volumed.schemas import (
     PruneVolumes,
     RemoveAnswer,
     Version,
+    VirtiofsConsumer,
     VolumeList,
     VolumeOut,
 )
@@ -284,11 +285,13 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/exports", status_code=201, response_model=ExportOut)
     async def create_export(request: Request, body: CreateExport) -> Response:
-        """Export a volume as a FUSE view under a policy; the volume is then in use."""
+        """Export a volume: a FUSE view, or a virtio-fs socket for one guest (whose
+        virtiofsd boxvold spawns, supervises and stops). The volume is then in use."""
         check_query(request, ())
         owner = None if body.owner is None else (body.owner.uid, body.owner.gid)
         policy = ExportPolicy(read_only=body.read_only, owner=owner, cache=body.cache)
-        live = await service.exports.create(body.volume, policy, body.consumer)
+        target, label = _export_target(body)
+        live = await service.exports.create(body.volume, policy, label, target)
         return json_response(live.to_json(), 201)
 
     @app.get("/v1/exports", response_model=ExportList)
@@ -337,6 +340,29 @@ def create_app(service: Service) -> FastAPI:
         return json_response({"version": __version__, "api_version": API_VERSION})
 
     return app
+
+
+def _export_target(body: CreateExport) -> tuple[VirtiofsTarget | None, str | None]:
+    """The virtio-fs target and the free-form consumer label a create asks for."""
+    if body.kind == "fuse":
+        if isinstance(body.consumer, VirtiofsConsumer) or body.via is not None:
+            raise errors.InvalidArgument(
+                "a fuse export takes a free-form consumer label and no 'via'; "
+                "use kind 'virtiofs' to export to a VM"
+            )
+        return None, body.consumer
+    if not isinstance(body.consumer, VirtiofsConsumer):
+        raise errors.InvalidArgument(
+            'a virtiofs export needs "consumer": {"vm": DOMAIN, "tag": TAG} naming the guest'
+        )
+    # Read-only is enforced by the FUSE view: libvirt 9.0 ignores <readonly/> for an
+    # external virtiofsd, and a guest can remount its share read-write.
+    via = "fuse" if body.read_only else (body.via or "direct")
+    if body.owner is not None and via != "fuse":
+        raise errors.InvalidArgument(
+            "an ownership mapping is a FUSE view policy: give via 'fuse' with 'owner'"
+        )
+    return VirtiofsTarget(vm=body.consumer.vm, tag=body.consumer.tag, via=via), None
 
 
 def _disk_usage(store: VolumeStore) -> dict[str, Any]:

@@ -208,11 +208,15 @@ class Client:
         kind: str = "fuse",
         read_only: bool = False,
         owner: tuple[int, int] | None = None,
-        consumer: str | None = None,
+        consumer: str | dict[str, str] | None = None,
         cache: str | None = None,
+        via: str | None = None,
     ) -> dict[str, Any]:
-        """Export a volume (name or id) under a policy; answers with its mountpoint."""
+        """Export a volume (name or id): ``kind="fuse"`` answers with its mountpoint,
+        ``kind="virtiofs"`` (consumer ``{"vm", "tag"}``) with its vhost-user socket."""
         body: dict[str, Any] = {"volume": volume, "kind": kind, "read_only": read_only}
+        if via is not None:
+            body["via"] = via
         if owner is not None:
             body["owner"] = {"uid": owner[0], "gid": owner[1]}
         if consumer is not None:

@@ -27,7 +27,7 @@ from hypercorn.utils import wrap_app
 
 from volumed import __version__, errors, locations
 from volumed.api import Service, create_app
-from volumed.daemon_options import add_daemon_options, resolve_dirs
+from volumed.daemon_options import add_daemon_options, default_vhost_group, resolve_dirs
 from volumed.export_manager import ExportManager
 from volumed.fs.mount import serve_fuse
 from volumed.fs.operations import BoxvolFS
@@ -47,6 +47,8 @@ class DaemonConfig:
     runtime_dir: str
     #: Group that owns the API socket (mode 0660); None keeps the daemon's own group.
     socket_group: str | None = None
+    #: Group QEMU runs with: it owns the vhost-user sockets of virtio-fs exports.
+    vhost_group: str | None = None
 
     @property
     def socket_path(self) -> str:
@@ -151,8 +153,13 @@ async def serve_boxvold(
         fs = BoxvolFS(_open_dir_fd(store.layout.volumes))
         stack.callback(os.close, fs.statfs_fd)
         mount_root = os.path.join(config.runtime_dir, "fs")
+        vhost_gid = _group_id(config.vhost_group)
         service = Service(
-            store, reconciled, lambda writer: ExportManager(store, fs, mount_root, writer)
+            store,
+            reconciled,
+            lambda writer: ExportManager(
+                store, fs, config.runtime_dir, writer, vhost_gid=vhost_gid
+            ),
         )
 
         listener = bind_api_socket(config.socket_path, config.socket_group)
@@ -168,7 +175,7 @@ async def serve_boxvold(
         sockets = Sockets(secure_sockets=[], insecure_sockets=[listener], quic_sockets=[])
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_fuse, fs, mount_root)
-            await service.exports.restore()
+            await nursery.start(service.exports.serve)
             await nursery.start(
                 lambda task_status: worker_serve(
                     app, hconfig, sockets=sockets, task_status=task_status
@@ -185,6 +192,17 @@ async def serve_boxvold(
             notify_systemd("READY=1")
             task_status.started(config.socket_path)
             await trio.sleep_forever()
+
+
+def _group_id(name: str | None) -> int | None:
+    if name is None:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise errors.InvalidArgument(
+            f"no group {name!r} on this host; give the group QEMU runs with (--vhost-group)"
+        ) from None
 
 
 def _open_dir_fd(path: str) -> int:
@@ -217,7 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> DaemonConfig:
     """The daemon configuration the parsed options ask for."""
     home, runtime_dir = resolve_dirs(args)
-    return DaemonConfig(home=home, runtime_dir=runtime_dir, socket_group=args.socket_group)
+    return DaemonConfig(
+        home=home,
+        runtime_dir=runtime_dir,
+        socket_group=args.socket_group,
+        vhost_group=args.vhost_group or default_vhost_group(),
+    )
 
 
 def run(args: argparse.Namespace) -> int:

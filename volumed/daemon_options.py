@@ -25,6 +25,11 @@ def add_daemon_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--socket-group", help="group owning the API socket (mode 0660)")
     parser.add_argument(
+        "--vhost-group",
+        help="group QEMU runs with; owns the vhost-user sockets of virtio-fs exports "
+        "(default: kvm if it exists)",
+    )
+    parser.add_argument(
         "--log-level", default=os.environ.get("BOXVOL_LOG_LEVEL", "INFO"), choices=LOG_LEVELS
     )
 
@@ -35,3 +40,16 @@ def resolve_dirs(args: argparse.Namespace) -> tuple[str, str]:
     home = args.home or locations.default_home(env, euid)
     runtime_dir = args.runtime_dir or locations.default_runtime_dir(env, euid)
     return os.path.abspath(home), os.path.abspath(runtime_dir)
+
+
+def default_vhost_group() -> str | None:
+    """The group QEMU runs with on Debian-like hosts (libvirt-qemu's group), if present."""
+    import grp
+
+    for name in ("kvm", "libvirt-qemu", "qemu"):
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            continue
+        return name
+    return None

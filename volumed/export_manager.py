@@ -1,8 +1,9 @@
 """Export lifecycle: creates, lists and removes exports, and re-establishes them at start.
 
-It keeps three things in step: the registry's export rows (which make a volume "in use"),
-the filesystem's view of each export, and the volume directories opened through the gate.
-Runs on the trio loop; registry and gate work go to worker threads.
+It keeps in step the registry's export rows (which make a volume "in use"), the FUSE
+filesystem's view of each export, the virtiofsd supervisors of virtio-fs exports, and the
+volume directories opened through the gate. Runs on the trio loop; registry and gate work go
+to worker threads.
 """
 
 from __future__ import annotations
@@ -17,30 +18,44 @@ from typing import Any, TypeVar
 import trio
 from ulid import ULID
 
-from volumed.errors import BoxvolError, NotFound
-from volumed.exports import Export, ExportPolicy, check_consumer, check_policy
+from volumed.errors import BoxvolError, Conflict, NotFound
+from volumed.exports import (
+    Export,
+    ExportPolicy,
+    VirtiofsTarget,
+    check_consumer,
+    check_policy,
+    check_tag,
+    check_vm_name,
+)
 from volumed.fs.nodes import ExportState
 from volumed.fs.operations import BoxvolFS
 from volumed.fs.views import make_view
-from volumed.gate import open_volume_directory
+from volumed.gate import open_volume_directory, volume_directory
 from volumed.model import Volume
 from volumed.store import VolumeStore, utc_now
+from volumed.vhost import VhostSupervisor
+from volumed.virtiofsd import Virtiofsd, find_virtiofsd
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+VHOST_DIR_MODE = 0o750
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class LiveExport:
-    """An export with the volume it serves and where it can be reached."""
+    """An export with the volume it serves, where it is reached, and what serves it."""
 
     export: Export
     volume: Volume
-    mountpoint: str
+    mountpoint: str | None
+    socket: str | None = None
+    state: ExportState | None = None
+    supervisor: VhostSupervisor | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The API's view of an export."""
-        return {
+        body: dict[str, Any] = {
             "id": self.export.id,
             "kind": self.export.kind,
             "volume": {"id": self.volume.id, "name": self.volume.name},
@@ -49,125 +64,215 @@ class LiveExport:
             "created_at": self.export.created_at,
             "mountpoint": self.mountpoint,
         }
+        target = self.export.virtiofs
+        if target is not None:
+            body["consumer"] = {"vm": target.vm, "tag": target.tag}
+            body.update(via=target.via, tag=target.tag, socket=self.socket)
+            body["virtiofsd"] = self.supervisor.status() if self.supervisor else None
+        return body
 
 
 class ExportManager:
     """Every live export of one boxvold."""
 
     def __init__(
-        self, store: VolumeStore, fs: BoxvolFS, mount_root: str, writer: trio.CapacityLimiter
+        self,
+        store: VolumeStore,
+        fs: BoxvolFS,
+        runtime_dir: str,
+        writer: trio.CapacityLimiter,
+        *,
+        vhost_gid: int | None = None,
+        virtiofsd: Callable[[], Virtiofsd] = find_virtiofsd,
     ) -> None:
         self.store = store
         self.fs = fs
-        self.mount_root = mount_root
+        self.mount_root = os.path.join(runtime_dir, "fs")
+        self.vhost_dir = os.path.join(runtime_dir, "vhost")
+        self.vhost_gid = vhost_gid
+        self._find_virtiofsd = virtiofsd
+        self._virtiofsd: Virtiofsd | None = None
         self._writer = writer
-        self._live: dict[str, tuple[LiveExport, ExportState]] = {}
+        self._live: dict[str, LiveExport] = {}
+        self._nursery: trio.Nursery | None = None
         #: Export creation and removal (and forced volume removal) happen one at a time.
         self.lock = trio.Lock()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the virtiofsd supervisors until cancelled; restores recorded exports first."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self.restore()
+            task_status.started()
+            await trio.sleep_forever()
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._writer)
 
-    def _attach(self, export: Export, volume: Volume, fd: int, st: os.stat_result) -> LiveExport:
-        view = make_view(read_only=export.policy.read_only, owner=export.policy.owner)
-        state = ExportState(export, view)
-        self.fs.add_export(state, fd, st)
-        live = LiveExport(export, volume, os.path.join(self.mount_root, export.id))
-        self._live[export.id] = (live, state)
+    # -- establishing ----------------------------------------------------------------
+
+    async def _establish(self, export: Export, volume: Volume) -> LiveExport:
+        """Give a recorded export its FUSE view and/or its virtiofsd."""
+        live = LiveExport(export, volume, mountpoint=None)
+        if export.served_by_fuse_view:
+            fd, st = await self._thread(open_volume_directory, self.store.layout, volume)
+            view = make_view(read_only=export.policy.read_only, owner=export.policy.owner)
+            live.state = ExportState(export, view)
+            self.fs.add_export(live.state, fd, st)
+            live.mountpoint = os.path.join(self.mount_root, export.id)
+        if export.virtiofs is not None:
+            try:
+                live.supervisor = await self._start_virtiofsd(export, volume, live.mountpoint)
+            except BaseException:
+                if live.state is not None:
+                    await self.fs.remove_export(live.state)
+                raise
+            live.socket = live.supervisor.socket_path
+        self._live[export.id] = live
         return live
+
+    async def _start_virtiofsd(
+        self, export: Export, volume: Volume, fuse_view: str | None
+    ) -> VhostSupervisor:
+        assert export.virtiofs is not None and self._nursery is not None
+        if self._virtiofsd is None:
+            self._virtiofsd = await trio.to_thread.run_sync(self._find_virtiofsd)
+        source: str = (
+            fuse_view
+            if fuse_view is not None
+            else await self._thread(volume_directory, self.store.layout, volume)
+        )
+        await trio.to_thread.run_sync(self._prepare_vhost_dir)
+        supervisor = VhostSupervisor(
+            export.id,
+            socket_path=os.path.join(self.vhost_dir, f"{export.id}.sock"),
+            source=source,
+            virtiofsd=self._virtiofsd,
+            gid=self.vhost_gid,
+            keep_on_shutdown=fuse_view is None,
+        )
+        await self._nursery.start(supervisor.serve)
+        return supervisor
+
+    def _prepare_vhost_dir(self) -> None:
+        os.makedirs(self.vhost_dir, mode=VHOST_DIR_MODE, exist_ok=True)
+        if self.vhost_gid is not None:
+            os.chown(self.vhost_dir, -1, self.vhost_gid)
+        os.chmod(self.vhost_dir, VHOST_DIR_MODE if self.vhost_gid is not None else 0o700)
 
     async def restore(self) -> None:
         """Re-establish the exports the registry records (after a restart or a crash)."""
-        for export_id, volume_id, kind, created_at, spec in await self._thread(
-            self.store.registry.exports
-        ):
-            volume = await self._thread(self.store.registry.by_id, volume_id)
-            opened = None
-            reason = f"volume {volume_id} is gone"
-            if volume is not None and kind == "fuse":
+        for row in await self._thread(self.store.registry.exports):
+            export = Export.from_row(*row)
+            volume = await self._thread(self.store.registry.by_id, export.volume_id)
+            reason = f"volume {export.volume_id} is gone"
+            if volume is not None:
                 try:
-                    opened = await self._thread(open_volume_directory, self.store.layout, volume)
+                    await self._establish(export, volume)
                 except (OSError, BoxvolError) as exc:
                     reason = str(exc)
-            if volume is None or opened is None:
-                log.warning("export dropped id=%s reason=%s", export_id, reason)
-                await self._thread(self.store.registry.remove_export, export_id)
-                continue
-            fd, st = opened
-            export = Export(
-                id=export_id,
-                volume_id=volume_id,
-                kind="fuse",
-                policy=ExportPolicy.from_json(spec),
-                created_at=created_at,
-                consumer=_str_or_none(spec.get("consumer")),
-            )
-            self._attach(export, volume, fd, st)
-            log.info("export restored id=%s volume=%s", export_id, volume.key)
+                else:
+                    log.info(
+                        "export restored id=%s kind=%s volume=%s",
+                        export.id,
+                        export.kind,
+                        volume.key,
+                    )
+                    continue
+            log.warning("export dropped id=%s reason=%s", export.id, reason)
+            await self._thread(self.store.registry.remove_export, export.id)
 
-    async def create(self, ref: str, policy: ExportPolicy, consumer: str | None) -> LiveExport:
-        """Export the volume ``ref`` names under ``policy``."""
+    # -- the API's operations --------------------------------------------------------
+
+    async def create(
+        self,
+        ref: str,
+        policy: ExportPolicy,
+        consumer: str | None = None,
+        virtiofs: VirtiofsTarget | None = None,
+    ) -> LiveExport:
+        """Export the volume ``ref`` names: a FUSE view, or (``virtiofs`` given) a
+        vhost-user socket for one guest."""
         check_policy(policy)
         check_consumer(consumer)
+        if virtiofs is not None:
+            check_vm_name(virtiofs.vm)
+            check_tag(virtiofs.tag)
         async with self.lock:
+            if virtiofs is not None:
+                self._check_tag_free(virtiofs)
             volume = await self._thread(self.store.resolve, ref)
-            fd, st = await self._thread(open_volume_directory, self.store.layout, volume)
             export = Export(
                 id=str(ULID()),
                 volume_id=volume.id,
-                kind="fuse",
+                kind="fuse" if virtiofs is None else "virtiofs",
                 policy=policy,
                 created_at=utc_now(),
                 consumer=consumer,
+                virtiofs=virtiofs,
             )
-            spec = {**policy.to_json(), "consumer": consumer}
+            await self._thread(
+                self.store.registry.add_export,
+                export.id,
+                volume.id,
+                export.kind,
+                export.created_at,
+                export.spec(),
+            )
             try:
-                await self._thread(
-                    self.store.registry.add_export,
-                    export.id,
-                    volume.id,
-                    export.kind,
-                    export.created_at,
-                    spec,
-                )
+                live = await self._establish(export, volume)
             except BaseException:
-                os.close(fd)
+                await self._thread(self.store.registry.remove_export, export.id)
                 raise
-            live = self._attach(export, volume, fd, st)
         log.info(
-            "export created id=%s volume=%s read_only=%s owner=%s cache=%s",
+            "export created id=%s kind=%s volume=%s read_only=%s owner=%s cache=%s virtiofs=%s",
             export.id,
+            export.kind,
             volume.key,
             policy.read_only,
             policy.owner,
             policy.cache,
+            virtiofs,
         )
         return live
 
+    def _check_tag_free(self, target: VirtiofsTarget) -> None:
+        for live in self._live.values():
+            other = live.export.virtiofs
+            if other is not None and (other.vm, other.tag) == (target.vm, target.tag):
+                raise Conflict(
+                    f"VM {target.vm!r} already has an export tagged {target.tag!r} "
+                    f"({live.export.id}); pick another tag or remove that export first"
+                )
+
     def get(self, export_id: str) -> LiveExport:
         """A live export by id (any case)."""
-        entry = self._live.get(export_id.upper())
-        if entry is None:
+        live = self._live.get(export_id.upper())
+        if live is None:
             raise NotFound(f"no export with id {export_id!r}; list exports with 'boxvol export ls'")
-        return entry[0]
+        return live
 
-    def list(self, volume_id: str | None = None) -> list[LiveExport]:
-        """Live exports (of one volume if given), oldest first."""
+    def list(self, volume_id: str | None = None, vm: str | None = None) -> list[LiveExport]:
+        """Live exports (of one volume, for one VM, if given), oldest first."""
         return [
             live
-            for live, _ in sorted(self._live.values(), key=lambda e: e[0].export.id)
-            if volume_id is None or live.volume.id == volume_id
+            for _, live in sorted(self._live.items())
+            if (volume_id is None or live.volume.id == volume_id)
+            and (vm is None or (live.export.virtiofs is not None and live.export.virtiofs.vm == vm))
         ]
 
     async def remove(self, export_id: str) -> LiveExport:
-        """Tear an export down: its directory vanishes and its open files go stale."""
+        """Tear an export down: virtiofsd stops, its directory vanishes, open files go stale."""
         async with self.lock:
             return await self._remove_locked(export_id)
 
     async def _remove_locked(self, export_id: str) -> LiveExport:
         live = self.get(export_id)
-        _, state = self._live.pop(live.export.id)
-        await self.fs.remove_export(state)
+        del self._live[live.export.id]
+        if live.supervisor is not None:
+            await live.supervisor.stop()
+        if live.state is not None:
+            await self.fs.remove_export(live.state)
         await self._thread(self.store.registry.remove_export, live.export.id)
         log.info("export removed id=%s volume=%s", live.export.id, live.volume.key)
         return live
@@ -180,13 +285,3 @@ class ExportManager:
                 for live in self.list(volume.id):
                     await self._remove_locked(live.export.id)
             return await self._thread(functools.partial(self.store.remove, volume.id, force=force))
-
-    async def close(self) -> None:
-        """Drop every export from the filesystem (the registry keeps them for next start)."""
-        for _, state in list(self._live.values()):
-            await self.fs.remove_export(state)
-        self._live.clear()
-
-
-def _str_or_none(value: object) -> str | None:
-    return value if isinstance(value, str) else None

@@ -11,8 +11,13 @@ from typing import Any, Literal
 
 from volumed.errors import InvalidArgument
 
-ExportKind = Literal["fuse"]
-EXPORT_KINDS: tuple[ExportKind, ...] = ("fuse",)
+ExportKind = Literal["fuse", "virtiofs"]
+EXPORT_KINDS: tuple[ExportKind, ...] = ("fuse", "virtiofs")
+Via = Literal["direct", "fuse"]
+MAX_TAG_BYTES = 36
+TAG_RULE = f"a virtio-fs tag is 1 to {MAX_TAG_BYTES} bytes of letters, digits, '.', '_' and '-'"
+_TAG_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+MAX_VM_NAME_BYTES = 255
 MAX_CONSUMER_BYTES = 256
 MAX_ID = (1 << 32) - 2  # uid/gid 4294967295 is (uid_t)-1, "no change"
 
@@ -21,7 +26,8 @@ MAX_ID = (1 << 32) - 2  # uid/gid 4294967295 is (uid_t)-1, "no change"
 class CachePolicy:
     """How long the kernel may trust what the export told it."""
 
-    #: Seconds a name lookup (and a negative one) stays valid in the kernel.
+    #: Seconds a name lookup stays valid in the kernel (a failed one is not cached:
+    #: ENOENT is answered as an error, so a name created elsewhere shows at once).
     entry_timeout: float
     #: Seconds attributes (size, mtime, mode) stay valid without asking the daemon.
     attr_timeout: float
@@ -30,13 +36,22 @@ class CachePolicy:
     keep_cache: bool
 
 
-#: ``auto`` (the default) trusts the kernel cache for one second: reads and stats of
-#: unchanged files are served by the kernel at native speed, and a change made to the
-#: volume elsewhere (another export, a virtiofsd, the host) shows within about a second.
-#: ``none`` asks the daemon every time (always fresh, slow); ``always`` trusts the cache
-#: for ten minutes and suits a volume that only this export changes.
+#: ``auto`` (the default) lets the kernel trust names and attributes for 5 seconds and keep
+#: file pages across opens. Stats, opens and reads of files seen in the last 5 s are then
+#: answered by the kernel at native speed, without the daemon. The price is freshness when
+#: the volume is also changed elsewhere (another export of it, a virtiofsd serving it, the
+#: host): such a change can go unseen for up to 5 s (an old size, mtime, mode or name, and
+#: the old pages until a getattr shows the new mtime or size). Changes made through the
+#: export itself are seen at once. Why 5 and not 1: a program that walks a tree and comes
+#: back to it (a build, a test run, ``git status``; bench/fuse.py's warm stat, after an
+#: untimed pass over 5,000 files that takes 1-1.5 s at the daemon's speed) found all it had
+#: seen expired, and each stat cost a trip to the daemon: 0.01x native against 1.5x with
+#: 5 s (10 s measured the same). 5 s stays at the short end of what network file systems
+#: use (NFS keeps attributes 3 to 60 s). ``none`` asks the daemon every time (always
+#: fresh, slowest): for a volume changed by several parties at once. ``always`` trusts the
+#: cache for ten minutes: for a volume that only this export changes.
 CACHE_POLICIES: dict[str, CachePolicy] = {
-    "auto": CachePolicy(entry_timeout=1.0, attr_timeout=1.0, keep_cache=True),
+    "auto": CachePolicy(entry_timeout=5.0, attr_timeout=5.0, keep_cache=True),
     "none": CachePolicy(entry_timeout=0.0, attr_timeout=0.0, keep_cache=False),
     "always": CachePolicy(entry_timeout=600.0, attr_timeout=600.0, keep_cache=True),
 }
@@ -98,6 +113,35 @@ def check_consumer(consumer: str | None) -> str | None:
     return consumer
 
 
+def check_tag(tag: str) -> str:
+    """Return a valid virtio-fs tag, else raise InvalidArgument stating the rule."""
+    if not tag or len(tag.encode()) > MAX_TAG_BYTES or not set(tag) <= _TAG_CHARS:
+        raise InvalidArgument(f"invalid tag {tag!r}: {TAG_RULE}")
+    return tag
+
+
+def check_vm_name(vm: str) -> str:
+    """Return a plausible VM (domain) name, else raise InvalidArgument."""
+    if not vm or len(vm.encode()) > MAX_VM_NAME_BYTES or "/" in vm or not vm.isprintable():
+        raise InvalidArgument(
+            f"invalid VM name {vm!r}: give the domain's name (printable, no '/', at most "
+            f"{MAX_VM_NAME_BYTES} bytes)"
+        )
+    return vm
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VirtiofsTarget:
+    """Which guest a virtio-fs export is for, and the tag it appears under there."""
+
+    vm: str
+    tag: str
+    #: ``direct``: virtiofsd serves the volume directory (fastest); ``fuse``: it serves the
+    #: export's FUSE view, so the FUSE policy applies. Read-only always goes through the
+    #: FUSE view: libvirt 9.0 ignores <readonly/> for an external virtiofsd.
+    via: Via = "direct"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Export:
     """A live export of one volume."""
@@ -108,3 +152,41 @@ class Export:
     policy: ExportPolicy
     created_at: str
     consumer: str | None = None
+    virtiofs: VirtiofsTarget | None = None
+
+    @property
+    def served_by_fuse_view(self) -> bool:
+        """True if the export has a FUSE view (every FUSE export, and virtio-fs exports that
+        go through it: via=fuse, or read-only)."""
+        if self.virtiofs is None:
+            return True
+        return self.virtiofs.via == "fuse" or self.policy.read_only
+
+    def spec(self) -> dict[str, Any]:
+        """What the registry stores besides id, volume, kind and time."""
+        spec: dict[str, Any] = {**self.policy.to_json(), "consumer": self.consumer}
+        if self.virtiofs is not None:
+            spec["virtiofs"] = dataclasses.asdict(self.virtiofs)
+        return spec
+
+    @classmethod
+    def from_row(
+        cls, export_id: str, volume_id: str, kind: str, created_at: str, spec: dict[str, Any]
+    ) -> Export:
+        """Inverse of storing ``spec()`` with the other columns."""
+        target = spec.get("virtiofs")
+        return cls(
+            id=export_id,
+            volume_id=volume_id,
+            kind="virtiofs" if kind == "virtiofs" else "fuse",
+            policy=ExportPolicy.from_json(spec),
+            created_at=created_at,
+            consumer=spec.get("consumer") if isinstance(spec.get("consumer"), str) else None,
+            virtiofs=None
+            if not isinstance(target, dict)
+            else VirtiofsTarget(
+                vm=str(target["vm"]),
+                tag=str(target["tag"]),
+                via="fuse" if target.get("via") == "fuse" else "direct",
+            ),
+        )

@@ -87,18 +87,33 @@ class Owner(Request):
     gid: int
 
 
+class VirtiofsConsumer(Request):
+    """The guest a virtio-fs export is for."""
+
+    vm: str = Field(description="Domain name.")
+    tag: str = Field(description="virtio-fs tag in the guest (at most 36 bytes).")
+
+
 class CreateExport(Request):
-    """Export a volume (by name or id) as a FUSE view under a policy."""
+    """Export a volume (by name or id): a FUSE view, or a virtio-fs socket for one guest."""
 
     volume: str = Field(description="Volume name, id or unique id prefix.")
-    kind: Literal["fuse"] = "fuse"
+    kind: Literal["fuse", "virtiofs"] = "fuse"
     read_only: bool = False
     owner: Owner | None = Field(
-        default=None, description="Present every file as this uid/gid (opt-in mapping)."
+        default=None,
+        description="Present every file as this uid/gid (FUSE views: fuse, or virtiofs via fuse).",
     )
-    consumer: str | None = Field(default=None, description="Free-form label of the user.")
+    consumer: str | VirtiofsConsumer | None = Field(
+        default=None,
+        description="fuse: a free-form label; virtiofs: {vm, tag} (required).",
+    )
     cache: Literal["auto", "none", "always"] = Field(
-        default="auto", description="Kernel caching: auto (1 s), none, always (10 min)."
+        default="auto", description="Kernel caching of the FUSE view (see docs/fuse.md)."
+    )
+    via: Literal["direct", "fuse"] | None = Field(
+        default=None,
+        description="virtiofs only: serve the volume directly (default) or its FUSE view.",
     )
 
 
@@ -116,18 +131,37 @@ class ExportOwner(BaseModel):
     gid: int
 
 
+class ExportConsumer(BaseModel):
+    """The guest of a virtio-fs export."""
+
+    vm: str
+    tag: str
+
+
+class VirtiofsdStatus(BaseModel):
+    """The virtiofsd behind a virtio-fs export."""
+
+    pid: int | None
+    restarts: int
+    last_exit: int | None
+
+
 class ExportOut(BaseModel):
     """A live export."""
 
     id: str
-    kind: Literal["fuse"]
+    kind: Literal["fuse", "virtiofs"]
     volume: ExportVolume
     read_only: bool
     owner: ExportOwner | None
     cache: str
-    consumer: str | None
+    consumer: str | ExportConsumer | None
     created_at: str
-    mountpoint: str = Field(description="Where the view is reachable on the host.")
+    mountpoint: str | None = Field(description="Where the FUSE view is, if there is one.")
+    via: Literal["direct", "fuse"] | None = None
+    tag: str | None = None
+    socket: str | None = Field(default=None, description="The vhost-user socket (virtiofs).")
+    virtiofsd: VirtiofsdStatus | None = None
 
 
 class ExportList(BaseModel):

@@ -1,0 +1,161 @@
+"""virtio-fs exports at the process level: the socket boxvold binds, the virtiofsd it
+spawns, re-arms and stops, and re-adoption across a restart. (Guests: tests/vm.)"""
+
+from __future__ import annotations
+
+import grp
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import Daemon
+from volumed.errors import Conflict, InUse, InvalidArgument
+
+
+def virtiofsd_pids() -> dict[int, str]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and b"virtiofsd" in args[0]:
+            found[int(entry.name)] = b" ".join(args).decode(errors="replace")
+    return found
+
+
+def serving(export: dict[str, Any]) -> list[int]:
+    """virtiofsd processes serving ``export`` (found by its source or socket fd)."""
+    source = export["mountpoint"] or ""
+    return [
+        pid
+        for pid, cmd in virtiofsd_pids().items()
+        if (source and source in cmd) or export["volume"]["name"] in cmd
+    ]
+
+
+def wait_for(predicate: Any, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_socket_process_and_teardown(daemon: Daemon) -> None:
+    client = daemon.client()
+    client.create_volume("data")
+    before = set(virtiofsd_pids())
+    export = client.create_export("data", kind="virtiofs", consumer={"vm": "vm1", "tag": "data"})
+    assert export["via"] == "direct" and export["mountpoint"] is None
+    socket_path = Path(export["socket"])
+    assert socket_path.parent == daemon.runtime_dir / "vhost"
+    mode = socket_path.stat().st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
+    assert socket_path.stat().st_gid == grp.getgrnam("kvm").gr_gid
+    assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o750
+    pid = export["virtiofsd"]["pid"]
+    assert pid in set(virtiofsd_pids()) - before
+    command = virtiofsd_pids()[pid]
+    assert "modcaps=-mknod" in command or "--modcaps=-mknod" in command
+    assert str(daemon.home / "volumes" / "named" / "data") in command
+    assert client.get_volume("data")["in_use"] is True
+    with pytest.raises(InUse):
+        client.remove_volume("data")
+    client.remove_export(export["id"])
+    assert pid not in virtiofsd_pids()
+    assert not socket_path.exists()
+    assert set(virtiofsd_pids()) <= before
+
+
+def test_read_only_goes_through_the_fuse_view(daemon: Daemon) -> None:
+    client = daemon.client()
+    client.create_volume("data")
+    export = client.create_export(
+        "data", kind="virtiofs", read_only=True, consumer={"vm": "vm1", "tag": "ro"}
+    )
+    assert export["via"] == "fuse"
+    assert export["mountpoint"] and Path(export["mountpoint"]).is_dir()
+    assert export["mountpoint"] in virtiofsd_pids()[export["virtiofsd"]["pid"]]
+    with pytest.raises(OSError):
+        (Path(export["mountpoint"]) / "x").write_text("no")
+    client.remove_volume("data", force=True)
+    assert export["virtiofsd"]["pid"] not in virtiofsd_pids()
+
+
+def test_bad_requests(daemon: Daemon) -> None:
+    client = daemon.client()
+    client.create_volume("data")
+    client.create_export("data", kind="virtiofs", consumer={"vm": "vm1", "tag": "t"})
+    with pytest.raises(Conflict, match="already has an export tagged 't'"):
+        client.create_export("data", kind="virtiofs", consumer={"vm": "vm1", "tag": "t"})
+    for consumer, needle in [
+        (None, 'needs "consumer"'),
+        ({"vm": "vm1", "tag": "x" * 37}, "invalid tag"),
+        ({"vm": "vm1", "tag": "a/b"}, "invalid tag"),
+        ({"vm": "", "tag": "ok"}, "invalid VM name"),
+    ]:
+        with pytest.raises(InvalidArgument, match=needle):
+            client.create_export("data", kind="virtiofs", consumer=consumer)
+    with pytest.raises(InvalidArgument, match="via 'fuse'"):
+        client.create_export(
+            "data", kind="virtiofs", owner=(1, 1), consumer={"vm": "vm1", "tag": "o"}
+        )
+    with pytest.raises(InvalidArgument, match="kind 'virtiofs'"):
+        client.create_export("data", via="direct")
+    assert len(client.list_exports()) == 1
+
+
+def test_a_dead_virtiofsd_is_rearmed(daemon: Daemon) -> None:
+    client = daemon.client()
+    client.create_volume("data")
+    export = client.create_export("data", kind="virtiofs", consumer={"vm": "vm1", "tag": "d"})
+    first = export["virtiofsd"]["pid"]
+    os.kill(first, signal.SIGKILL)
+    wait_for(
+        lambda: client.get_export(export["id"])["virtiofsd"]["pid"] not in (None, first),
+        "virtiofsd was not re-armed",
+    )
+    status = client.get_export(export["id"])["virtiofsd"]
+    assert status["restarts"] == 1
+    assert status["last_exit"] == -signal.SIGKILL
+    assert status["pid"] in virtiofsd_pids()
+    assert "virtiofsd crashed" in daemon.log.read_text()
+    client.remove_export(export["id"])
+    assert status["pid"] not in virtiofsd_pids()
+
+
+def test_direct_virtiofsd_survives_a_restart_and_is_readopted(
+    home: Path, runtime_dir: Path
+) -> None:
+    daemon = Daemon(home, runtime_dir)
+    daemon.start()
+    client = daemon.client()
+    client.create_volume("data")
+    direct = client.create_export("data", kind="virtiofs", consumer={"vm": "vm1", "tag": "a"})
+    via_fuse = client.create_export(
+        "data", kind="virtiofs", via="fuse", consumer={"vm": "vm1", "tag": "b"}
+    )
+    pid = direct["virtiofsd"]["pid"]
+    assert daemon.stop() == 0
+    # A guest served directly keeps its share while boxvold restarts; one served through the
+    # FUSE view cannot (the view goes down with boxvold), so its virtiofsd was stopped.
+    assert pid in virtiofsd_pids()
+    assert via_fuse["virtiofsd"]["pid"] not in virtiofsd_pids()
+    daemon.start()
+    try:
+        assert f"virtiofsd re-adopted export={direct['id']} pid={pid}" in daemon.log.read_text()
+        assert client.get_export(direct["id"])["virtiofsd"]["pid"] == pid
+        rearmed = client.get_export(via_fuse["id"])["virtiofsd"]["pid"]
+        assert rearmed in virtiofsd_pids()
+        client.remove_volume("data", force=True)
+        assert pid not in virtiofsd_pids()
+        assert rearmed not in virtiofsd_pids()
+    finally:
+        assert daemon.stop() == 0

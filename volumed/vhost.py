@@ -1,0 +1,235 @@
+"""Supervision of the virtiofsd behind one virtio-fs export.
+
+boxvold owns the vhost-user socket: it binds and listens itself (mode 0660, the group QEMU
+runs with) and hands the listening fd to virtiofsd, which serves one connection (one boot
+or one hot-plug) and exits. While the export exists the supervisor re-arms a fresh
+virtiofsd after each exit, records crashes, and backs off when one crashes at once. A
+virtiofsd serving a volume directly outlives a clean boxvold stop and is re-adopted at the
+next start (found through its pidfile); removing the export always stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import trio
+
+from volumed.errors import InvalidArgument
+from volumed.virtiofsd import Virtiofsd
+
+log = logging.getLogger(__name__)
+
+MAX_SOCKET_PATH = 107
+#: A virtiofsd that exits sooner than this after starting counts as crashing at once.
+QUICK_EXIT = 1.0
+MAX_BACKOFF = 5.0
+STOP_GRACE = 5.0
+
+
+def bind_vhost_socket(path: str, gid: int | None) -> socket.socket:
+    """A listening vhost-user socket at ``path``, 0660 and owned by group ``gid``."""
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise InvalidArgument(
+            f"the vhost-user socket path {path} is longer than {MAX_SOCKET_PATH} bytes; "
+            "give boxvold a shorter --runtime-dir"
+        )
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    if gid is not None:
+        os.chown(path, -1, gid)
+    os.chmod(path, 0o660)
+    sock.listen(1)
+    return sock
+
+
+def _alive_virtiofsd(pid: int, marker: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            args = cmdline.read().split(b"\0")
+    except OSError:
+        return False
+    return any(b"virtiofsd" in arg for arg in args[:1]) and any(
+        marker.encode() in arg for arg in args
+    )
+
+
+class VhostSupervisor:
+    """Keeps a virtiofsd armed on one export's socket while the export exists."""
+
+    def __init__(
+        self,
+        export_id: str,
+        *,
+        socket_path: str,
+        source: str,
+        virtiofsd: Virtiofsd,
+        gid: int | None,
+        keep_on_shutdown: bool,
+    ) -> None:
+        self.export_id = export_id
+        self.socket_path = socket_path
+        self.source = source
+        self.virtiofsd = virtiofsd
+        self.gid = gid
+        #: Leave virtiofsd serving when boxvold stops (True for direct exports, whose
+        #: source does not go away with boxvold).
+        self.keep_on_shutdown = keep_on_shutdown
+        base = os.path.splitext(socket_path)[0]
+        self.pidfile = base + ".pid"
+        self.logfile = base + ".log"
+        self.pid: int | None = None
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self._stopping = False
+        self._scope: trio.CancelScope | None = None
+        self._done = trio.Event()
+
+    def status(self) -> dict[str, object]:
+        """What the API reports about the daemon behind the export."""
+        return {"pid": self.pid, "restarts": self.restarts, "last_exit": self.last_exit}
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until stopped (or boxvold shuts down)."""
+        try:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                adopted = self._adoptable_pid()
+                if adopted is None:
+                    listener = await trio.to_thread.run_sync(
+                        bind_vhost_socket, self.socket_path, self.gid
+                    )
+                else:
+                    listener = None
+                if adopted is not None:
+                    task_status.started()
+                    log.info("virtiofsd re-adopted export=%s pid=%d", self.export_id, adopted)
+                    await self._wait_adopted(adopted)
+                    listener = await trio.to_thread.run_sync(
+                        bind_vhost_socket, self.socket_path, self.gid
+                    )
+                assert listener is not None
+                with listener:
+                    await self._keep_armed(listener, task_status)
+        finally:
+            self._done.set()
+
+    async def stop(self) -> None:
+        """Stop supervising and stop virtiofsd; the socket goes away."""
+        self._stopping = True
+        if self._scope is not None:
+            self._scope.cancel()
+        await self._done.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        for leftover in (self.pidfile, self.logfile):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+
+    def _adoptable_pid(self) -> int | None:
+        try:
+            with open(self.pidfile) as pidfile:
+                pid = int(pidfile.read().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive_virtiofsd(pid, self.source) else None
+
+    async def _wait_adopted(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            except BaseException:
+                if self._stopping or not self.keep_on_shutdown:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+                raise
+        finally:
+            os.close(pidfd)
+        self.pid = None
+        log.info("re-adopted virtiofsd exited export=%s", self.export_id)
+
+    async def _keep_armed(
+        self, listener: socket.socket, task_status: trio.TaskStatus[None]
+    ) -> None:
+        backoff = 0.1
+        while True:
+            started = time.monotonic()
+            status = await self._run_once(listener, task_status)
+            self.last_exit = status
+            if status == 0:
+                log.info("virtiofsd session ended export=%s; re-arming", self.export_id)
+                backoff = 0.1
+                continue
+            self.restarts += 1
+            log.warning(
+                "virtiofsd crashed export=%s status=%s restarts=%d log=%s",
+                self.export_id,
+                status,
+                self.restarts,
+                self.logfile,
+            )
+            if time.monotonic() - started < QUICK_EXIT:
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _run_once(self, listener: socket.socket, task_status: trio.TaskStatus[None]) -> int:
+        fd = listener.fileno()
+        command = self.virtiofsd.command(fd=fd, source=self.source)
+        with open(self.logfile, "ab") as logfile:
+            process = await trio.lowlevel.open_process(
+                command,
+                pass_fds=(fd,),
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=logfile,
+                start_new_session=True,
+            )
+        self.pid = process.pid
+        with open(self.pidfile, "w") as pidfile:
+            pidfile.write(f"{process.pid}\n")
+        log.info(
+            "virtiofsd armed export=%s pid=%d socket=%s source=%s",
+            self.export_id,
+            process.pid,
+            self.socket_path,
+            self.source,
+        )
+        with contextlib.suppress(RuntimeError):  # only the first arming reports readiness
+            task_status.started()
+        try:
+            return await process.wait()
+        except BaseException:
+            if self._stopping or not self.keep_on_shutdown:
+                await self._terminate(process)
+            else:
+                log.info("virtiofsd left serving export=%s pid=%d", self.export_id, process.pid)
+            raise
+        finally:
+            if process.returncode is not None:
+                self.pid = None
+
+    async def _terminate(self, process: trio.Process) -> None:
+        with trio.move_on_after(STOP_GRACE, shield=True) as grace:
+            process.terminate()
+            await process.wait()
+        if grace.cancelled_caught:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+        log.info("virtiofsd stopped export=%s status=%s", self.export_id, process.returncode)
