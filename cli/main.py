@@ -418,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("ids", nargs="+", metavar="EXPORT_ID")
     e.set_defaults(func=cmd_export_rm)
 
+    # `boxvol vm ...` is dispatched to vmdriver.cli before this parser runs; listed for --help.
+    sub.add_parser(
+        "vm", help="attach volumes to VMs: prepare, attach, detach, ls, watch", add_help=False
+    )
+
     p = sub.add_parser("version", help="client and daemon versions")
     p.set_defaults(func=cmd_version)
 
@@ -431,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``boxvol``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["vm"]:
+        # The VM driver (libvirt) is imported only for `boxvol vm ...`.
+        from vmdriver.cli import main_vm
+
+        return main_vm(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args, sys.stdout)

@@ -68,7 +68,7 @@ class _Pinned:
 class Node(_Pinned):
     """One FUSE inode: a backing inode seen through one export."""
 
-    __slots__ = ("export", "inode", "key", "lookups", "pinned")
+    __slots__ = ("export", "fresh", "inode", "key", "lookups", "pinned")
 
     def __init__(self, inode: int, export: ExportState, fd: int, key: tuple[int, int]) -> None:
         super().__init__(fd)
@@ -78,6 +78,10 @@ class Node(_Pinned):
         self.lookups = 0
         #: Export roots live as long as their export, whatever the kernel forgets.
         self.pinned = False
+        #: A directory's attributes taken right after a change made in it, for the GETATTR
+        #: the kernel sends next (see ``BoxvolFS._fresh_attrs``): (attributes, when taken
+        #: in monotonic seconds, the mount's count of namespace changes then).
+        self.fresh: tuple[os.stat_result, float, int] | None = None
 
 
 class Handle(_Pinned):

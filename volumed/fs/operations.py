@@ -2,9 +2,11 @@
 
 The mount's root lists live exports by id; everything below an export's directory is that
 export's volume seen through its policy view. Every blocking call runs in a worker thread
-under one named CapacityLimiter. This is the only place errors become errnos: an OSError
-passes its errno; anything else is a bug, logged and answered with EIO, never allowed to
-stop pyfuse3's loop.
+(``workers.WorkerPool``, bounded), one trip per request at most; a few requests need none
+and are answered on the loop: the root's attributes, flush (ENOSYS, see ``flush``), release
+(a close), and a directory's GETATTR right after a change made in it (see ``_fresh_attrs``).
+This is the only place errors become errnos: an OSError passes its errno; anything else is
+a bug, logged and answered with EIO, never allowed to stop pyfuse3's loop.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -21,8 +24,9 @@ import pyfuse3
 import trio
 
 from volumed.fs.nodes import ROOT_INODE, ExportState, InodeTable, Node
-from volumed.fs.passthrough import AttrChange, Caller
+from volumed.fs.passthrough import AttrChange, Caller, Passthrough
 from volumed.fs.views import presented_owner
+from volumed.fs.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -32,6 +36,14 @@ T = TypeVar("T")
 READDIR_BATCH = 64
 NAME_MAX = 255
 ROOT_MODE = stat.S_IFDIR | 0o711  # others may enter an export they know, not list them
+#: Seconds the kernel may keep the root's attributes. With default_permissions it checks
+#: search permission on the root at every path walk, and with nothing cached that was a
+#: GETATTR for every open or stat through any export. Only st_nlink (one per export) ever
+#: changes, and a second's staleness there misleads nothing: the root is 0711.
+ROOT_ATTR_TIMEOUT = 1.0
+#: Longest a directory's attributes, taken right after a change made in it, may answer the
+#: kernel's next GETATTR of it (never longer than the export's attr timeout either).
+FRESH_WINDOW = 1.0
 
 
 def fuse_edge(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -72,12 +84,12 @@ class BoxvolFS(pyfuse3.Operations):
     Attributes:
         table: inodes and open files.
         exports: live exports by their directory name (the export id, as bytes).
-        limiter: worker threads blocking calls may occupy at once.
+        workers: the threads blocking calls run in (a bounded pool).
     """
 
     table: InodeTable
     exports: dict[bytes, ExportState]
-    limiter: trio.CapacityLimiter
+    workers: WorkerPool
     _dirs: dict[int, _DirHandle]
     _next_dir: int
     statfs_fd: int
@@ -87,10 +99,12 @@ class BoxvolFS(pyfuse3.Operations):
         super().__init__()
         self.table = InodeTable()
         self.exports = {}
-        self.limiter = trio.CapacityLimiter(threads)
+        self.workers = WorkerPool(threads)
         self._dirs = {}
         self._next_dir = 1
         self.statfs_fd = statfs_fd
+        #: Namespace changes (create, mkdir, unlink, rename, ...) started so far, mount-wide.
+        self._changes = 0
         #: True while the kernel has this filesystem mounted (set by ``serve_fuse``).
         self.mounted = False
 
@@ -121,7 +135,7 @@ class BoxvolFS(pyfuse3.Operations):
     # -- helpers ---------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.limiter)
+        return await self.workers.run(fn, *args)
 
     def _attrs(
         self, inode: int, st: os.stat_result, export: ExportState
@@ -152,7 +166,8 @@ class BoxvolFS(pyfuse3.Operations):
         attrs.st_nlink = 2 + len(self.exports)
         attrs.st_uid = attrs.st_gid = 0
         attrs.st_size = 0
-        attrs.entry_timeout = attrs.attr_timeout = 0
+        attrs.entry_timeout = 0
+        attrs.attr_timeout = ROOT_ATTR_TIMEOUT
         return attrs
 
     def _node(self, inode: int) -> Node:
@@ -184,6 +199,42 @@ class BoxvolFS(pyfuse3.Operations):
         new = self.table.remember(node.export, fd, st)
         return self._attrs(new.inode, st, node.export)
 
+    # A change in a directory makes the kernel drop the directory's attributes, and with
+    # default_permissions the next path walk through it sends a GETATTR: one more trip to
+    # a worker thread for every create, unlink or mkdir. So the worker call that makes the
+    # change also takes the directory's attributes after it (``_then_stat``), and that next
+    # GETATTR is answered from them, once, if nothing else in the namespace has changed
+    # since (any create, unlink, rename... anywhere counts) and they are younger than
+    # FRESH_WINDOW; they are then trusted only for what is left of the export's attribute
+    # timeout, so a change made elsewhere shows no later than with the kernel's own cache.
+    # An export without attribute caching (``none``) never uses them.
+
+    def _namespace_change(self) -> int:
+        """Count a namespace change that is starting; returns its mark."""
+        self._changes += 1
+        return self._changes
+
+    def _record_fresh(self, node: Node, st: os.stat_result | None, mark: int) -> None:
+        """Keep ``st`` (taken after the change ``mark``) unless another change has started."""
+        if st is not None and mark == self._changes:
+            node.fresh = (st, time.monotonic(), mark)
+        else:
+            node.fresh = None
+
+    def _fresh_attrs(self, node: Node) -> pyfuse3.EntryAttributes | None:
+        fresh = node.fresh
+        if fresh is None:
+            return None
+        node.fresh = None  # it answers one GETATTR at most
+        st, taken, mark = fresh
+        timeout = node.export.export.policy.cache_policy.attr_timeout
+        age = time.monotonic() - taken
+        if mark != self._changes or not 0 <= age < min(FRESH_WINDOW, timeout):
+            return None
+        attrs = self._attrs(node.inode, st, node.export)
+        attrs.attr_timeout = timeout - age
+        return attrs
+
     # -- lookups and attributes --------------------------------------------------------
 
     @fuse_edge
@@ -211,8 +262,11 @@ class BoxvolFS(pyfuse3.Operations):
         if inode == ROOT_INODE:
             return self._root_attrs()
         node = self.table.node(inode)
-        st = await self._on_node(node, node.export.view.getattr)
-        return self._attrs(inode, st, node.export)
+        attrs = self._fresh_attrs(node)
+        if attrs is None:
+            st = await self._on_node(node, node.export.view.getattr)
+            attrs = self._attrs(inode, st, node.export)
+        return attrs
 
     @fuse_edge
     async def setattr(
@@ -224,6 +278,7 @@ class BoxvolFS(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
+        node.fresh = None
         change = AttrChange(
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
@@ -239,6 +294,9 @@ class BoxvolFS(pyfuse3.Operations):
         finally:
             if handle is not None:
                 handle.release()
+        if stat.S_ISDIR(st.st_mode):
+            # Another export's node of this directory may hold attributes from before.
+            self._changes += 1
         return self._attrs(inode, st, node.export)
 
     @fuse_edge
@@ -258,9 +316,11 @@ class BoxvolFS(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
-        fd, st = await self._on_node(
-            parent, parent.export.view.mknod, name, mode, rdev, _caller(ctx)
+        mark = self._namespace_change()
+        (fd, st), parent_st = await self._on_node(
+            parent, _then_stat, parent.export.view.mknod, name, mode, rdev, _caller(ctx)
         )
+        self._record_fresh(parent, parent_st, mark)
         return self._entry(parent, fd, st)
 
     @fuse_edge
@@ -268,7 +328,11 @@ class BoxvolFS(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
-        fd, st = await self._on_node(parent, parent.export.view.mkdir, name, mode, _caller(ctx))
+        mark = self._namespace_change()
+        (fd, st), parent_st = await self._on_node(
+            parent, _then_stat, parent.export.view.mkdir, name, mode, _caller(ctx)
+        )
+        self._record_fresh(parent, parent_st, mark)
         return self._entry(parent, fd, st)
 
     @fuse_edge
@@ -276,18 +340,26 @@ class BoxvolFS(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
-        fd, st = await self._on_node(parent, parent.export.view.symlink, name, target, _caller(ctx))
+        mark = self._namespace_change()
+        (fd, st), parent_st = await self._on_node(
+            parent, _then_stat, parent.export.view.symlink, name, target, _caller(ctx)
+        )
+        self._record_fresh(parent, parent_st, mark)
         return self._entry(parent, fd, st)
 
     @fuse_edge
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
-        await self._on_node(parent, parent.export.view.unlink, name)
+        mark = self._namespace_change()
+        _, parent_st = await self._on_node(parent, _then_stat, parent.export.view.unlink, name)
+        self._record_fresh(parent, parent_st, mark)
 
     @fuse_edge
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
-        await self._on_node(parent, parent.export.view.rmdir, name)
+        mark = self._namespace_change()
+        _, parent_st = await self._on_node(parent, _then_stat, parent.export.view.rmdir, name)
+        self._record_fresh(parent, parent_st, mark)
 
     @fuse_edge
     async def rename(
@@ -301,13 +373,13 @@ class BoxvolFS(pyfuse3.Operations):
     ) -> None:
         old = self._node(parent_inode_old)
         new = self._node(parent_inode_new)
-        await self._on_two(
-            old,
-            new,
-            lambda fd_old, fd_new: old.export.view.rename(
-                fd_old, name_old, fd_new, name_new, flags
-            ),
+        mark = self._namespace_change()
+        old_st, new_st = await self._on_two(
+            old, new, _rename_then_stat, old.export.view, name_old, name_new, flags
         )
+        self._record_fresh(old, old_st, mark)
+        if new is not old:
+            self._record_fresh(new, new_st, mark)
 
     @fuse_edge
     async def link(
@@ -315,7 +387,11 @@ class BoxvolFS(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         parent = self._node(new_parent_inode)
-        st = await self._on_two(node, parent, node.export.view.link, new_name)
+        mark = self._namespace_change()
+        st, parent_st = await self._on_two(
+            node, parent, _link_then_stat, node.export.view, new_name
+        )
+        self._record_fresh(parent, parent_st, mark)
         node.lookups += 1  # the kernel now holds one more reference to this inode
         return self._attrs(node.inode, st, node.export)
 
@@ -347,9 +423,11 @@ class BoxvolFS(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._node(parent_inode)
-        io_fd, fd, st = await self._on_node(
-            parent, parent.export.view.create, name, mode, flags, _caller(ctx)
+        mark = self._namespace_change()
+        (io_fd, fd, st), parent_st = await self._on_node(
+            parent, _then_stat, parent.export.view.create, name, mode, flags, _caller(ctx)
         )
+        self._record_fresh(parent, parent_st, mark)
         node = self.table.remember(parent.export, fd, st)
         info = self._file_info(node, io_fd, flags, ctx)
         return info, self._attrs(node.inode, st, node.export)
@@ -375,14 +453,15 @@ class BoxvolFS(pyfuse3.Operations):
         finally:
             handle.release()
 
-    @fuse_edge
     async def flush(self, fh: int) -> None:
-        handle = self.table.handle(fh)
-        io_fd = handle.acquire()
-        try:
-            await self._run(handle.export.view.flush, io_fd)
-        finally:
-            handle.release()
+        # The kernel remembers an ENOSYS here and from then on completes every close(2)
+        # itself, as if flush had succeeded: a round trip saved on every close. Nothing is
+        # lost, because there is nothing for a flush to report: each write reached the
+        # backing file with pwrite before it was answered, and pwrite on a local filesystem
+        # reports its errors itself (closing a dup, what a flush did, never reports one on
+        # ext4 or xfs); and locks are the kernel's own (no getlk/setlk), so no lock owner
+        # needs releasing.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @fuse_edge
     async def release(self, fh: int) -> None:
@@ -503,17 +582,47 @@ class BoxvolFS(pyfuse3.Operations):
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         node = self._node(inode)
+        node.fresh = None
         await self._on_node(node, node.export.view.setxattr, name, value)
 
     @fuse_edge
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._node(inode)
+        node.fresh = None
         await self._on_node(node, node.export.view.removexattr, name)
 
     @fuse_edge
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         # default_permissions: the kernel checks access against the attributes we report.
         return True
+
+
+def _stat_or_none(fd: int) -> os.stat_result | None:
+    """Blocking: the attributes of ``fd``, or None (an answer is never lost to this)."""
+    try:
+        return os.fstat(fd)
+    except OSError:
+        return None
+
+
+def _then_stat(parent_fd: int, fn: Callable[..., T], *args: Any) -> tuple[T, os.stat_result | None]:
+    """Blocking: ``fn(parent_fd, *args)``, then the directory's attributes as it left them."""
+    return fn(parent_fd, *args), _stat_or_none(parent_fd)
+
+
+def _rename_then_stat(
+    old_parent_fd: int, new_parent_fd: int, view: Passthrough, old: bytes, new: bytes, flags: int
+) -> tuple[os.stat_result | None, os.stat_result | None]:
+    """Blocking: rename, then both directories' attributes as it left them."""
+    view.rename(old_parent_fd, old, new_parent_fd, new, flags)
+    return _stat_or_none(old_parent_fd), _stat_or_none(new_parent_fd)
+
+
+def _link_then_stat(
+    fd: int, parent_fd: int, view: Passthrough, name: bytes
+) -> tuple[os.stat_result, os.stat_result | None]:
+    """Blocking: hard-link, then the linked inode's and the directory's attributes."""
+    return view.link(fd, parent_fd, name), _stat_or_none(parent_fd)
 
 
 def _lookup_many(

@@ -321,10 +321,6 @@ class Passthrough:
         """Write at ``offset`` (at the end for an O_APPEND open, as pwrite does)."""
         return os.pwrite(io_fd, data, offset)
 
-    def flush(self, io_fd: int) -> None:
-        """What close(2) of one of several duplicates does: report deferred errors."""
-        os.close(os.dup(io_fd))
-
     def fsync(self, io_fd: int, datasync: bool) -> None:
         """fsync or fdatasync the backing file."""
         (os.fdatasync if datasync else os.fsync)(io_fd)

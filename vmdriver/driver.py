@@ -1,0 +1,258 @@
+"""The VM driver interface: what boxvol asks of a hypervisor backend, and its errors.
+
+A driver makes a domain able to take virtio-fs shares (``prepare``), attaches volumes given as
+``-v`` specs (boot-time: the persistent definition; hot-plug: the running guest too), detaches
+them in the one safe order (device gone from the guest, then the export stopped), lists what is
+attached, and follows domain lifecycles (an undefined domain's anonymous volumes are removed).
+The libvirt implementation is ``vmdriver.libvirt_driver.LibvirtDriver``.
+
+Pure: no libvirt, no trio at import time (the lifecycle watcher is async, so its signature names
+trio's task status only for type checkers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from volumed.errors import BoxvolError, Conflict, InvalidArgument, NotFound
+from volumed.specs import VolumeSpec
+
+if TYPE_CHECKING:
+    import trio
+
+Via = Literal["direct", "fuse"]
+VIAS: tuple[Via, ...] = ("direct", "fuse")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Scope:
+    """Which definitions an operation changes: the running guest, the persistent one, both.
+
+    ``None`` where a Scope is optional means the default: the running guest and the persistent
+    definition if the domain runs (only the running guest for a transient domain), the
+    persistent definition if it does not.
+    """
+
+    live: bool
+    config: bool
+
+    def __post_init__(self) -> None:
+        if not (self.live or self.config):
+            raise InvalidArgument("an operation must affect the live guest, its config, or both")
+
+    def __str__(self) -> str:
+        return "+".join(n for n, on in (("live", self.live), ("config", self.config)) if on)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VolumeRef:
+    """The volume behind an attachment."""
+
+    id: str
+    name: str | None
+
+    def __str__(self) -> str:
+        return self.name or self.id
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attachment:
+    """One boxvol volume attached to one domain as one virtio-fs share."""
+
+    domain: str
+    #: The virtio-fs tag the guest mounts (``mount -t virtiofs TAG PATH``).
+    tag: str
+    #: Where the spec asked for it in the guest; recorded in the domain's metadata.
+    guest_path: str
+    read_only: bool
+    #: boxvold's export serving it (None if the record is gone but a device remains).
+    export_id: str | None
+    volume: VolumeRef | None
+    via: Via | str = "direct"
+    #: The device's user alias (``ua-boxvol-...``), which DEVICE_REMOVED events carry.
+    alias: str | None = None
+    #: The vhost-user socket QEMU connects to (boxvold's; never a volume path).
+    socket: str | None = None
+    #: Present in the running guest.
+    live: bool = False
+    #: Present in the persistent definition (the next boot has it).
+    config: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """As ``boxvol vm ls --format json`` prints it."""
+        return {
+            "domain": self.domain,
+            "tag": self.tag,
+            "guest_path": self.guest_path,
+            "read_only": self.read_only,
+            "export_id": self.export_id,
+            "volume": None
+            if self.volume is None
+            else {"id": self.volume.id, "name": self.volume.name},
+            "via": self.via,
+            "alias": self.alias,
+            "socket": self.socket,
+            "live": self.live,
+            "config": self.config,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PrepareResult:
+    """What ``prepare`` changed in a domain's persistent definition."""
+
+    domain: str
+    changes: tuple[str, ...]
+    #: The domain runs, and shared memory only takes effect when it boots again.
+    restart_needed: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Released:
+    """What was let go for a domain that no longer exists."""
+
+    domain: str
+    exports: tuple[str, ...]
+    volumes: tuple[str, ...]
+    #: Anonymous volumes that could not be removed (in use elsewhere), with why.
+    kept: tuple[tuple[str, str], ...] = ()
+
+
+LifecycleKind = Literal["defined", "undefined", "started", "stopped", "other"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LifecycleEvent:
+    """A domain lifecycle event as the watcher saw it, and what it did about it."""
+
+    domain: str
+    uuid: str
+    kind: LifecycleKind
+    #: Set when the domain was gone and its exports and anonymous volumes were released.
+    released: Released | None = None
+
+
+# -- errors -----------------------------------------------------------------------------
+
+
+class VMDriverError(BoxvolError):
+    """A VM operation failed."""
+
+    code = "vm_error"
+
+
+class DomainNotFound(NotFound):
+    """No domain of that name on the connection."""
+
+    code = "domain_not_found"
+
+
+class AttachmentNotFound(NotFound):
+    """The domain has no boxvol attachment with that tag or guest path."""
+
+    code = "attachment_not_found"
+
+
+class DomainNotPrepared(Conflict):
+    """The domain cannot take virtio-fs yet (no shared memory); ``boxvol vm prepare``."""
+
+    code = "domain_not_prepared"
+
+
+class DomainStateConflict(Conflict):
+    """The operation does not fit the domain's state (e.g. ``--live`` on a stopped one)."""
+
+    code = "domain_state"
+
+
+class HypervisorUnavailable(VMDriverError):
+    """The hypervisor connection could not be opened or was lost."""
+
+    code = "hypervisor_unavailable"
+
+
+class HypervisorError(VMDriverError):
+    """The hypervisor refused or failed an operation."""
+
+    code = "hypervisor_error"
+
+
+class DeviceRemovalTimeout(VMDriverError):
+    """The guest did not release a device in time; its export was left running."""
+
+    code = "device_removal_timeout"
+
+
+class DeviceRemovalFailed(VMDriverError):
+    """The hypervisor reported that the guest refused to release a device."""
+
+    code = "device_removal_failed"
+
+
+# -- the interface ----------------------------------------------------------------------
+
+
+class VMDriver(Protocol):
+    """A hypervisor backend. Every method but ``watch_lifecycle`` blocks (it talks to the
+    hypervisor and to boxvold); call them from a worker thread in async code."""
+
+    def prepare(self, domain: str, *, spare_root_ports: int = ...) -> PrepareResult:
+        """Give the domain shared memory and (q35) spare PCIe root ports for hot-plug."""
+        ...
+
+    def attach(
+        self,
+        domain: str,
+        specs: Sequence[VolumeSpec | str],
+        *,
+        scope: Scope | None = None,
+        via: Via = "direct",
+    ) -> list[Attachment]:
+        """Attach a volume per spec (``-v`` text or parsed), all or nothing; the whole list
+        is validated before anything (a host path is refused before the hypervisor is
+        touched)."""
+        ...
+
+    def detach(
+        self,
+        domain: str,
+        targets: Sequence[str] = (),
+        *,
+        scope: Scope | None = None,
+        timeout: float = ...,
+    ) -> list[Attachment]:
+        """Detach attachments by tag or guest path (every one if ``targets`` is empty):
+        device removed from the guest and confirmed, then from the config, then the export
+        deleted. A device the guest does not release in ``timeout`` keeps its export."""
+        ...
+
+    def list_attachments(self, domain: str) -> list[Attachment]:
+        """The domain's boxvol attachments, live and persistent."""
+        ...
+
+    def release(self, domain: str) -> Released:
+        """Delete the exports and anonymous volumes of a domain that no longer exists."""
+        ...
+
+    async def watch_lifecycle(
+        self,
+        *,
+        on_event: Any = None,
+        task_status: trio.TaskStatus[None] = ...,
+    ) -> None:
+        """Follow domain lifecycle events until cancelled; release undefined domains."""
+        ...
+
+
+def check_specs_against(specs: Sequence[VolumeSpec], existing: Sequence[Attachment]) -> None:
+    """Refuse specs whose guest path an existing attachment already uses."""
+    used = {a.guest_path: a for a in existing}
+    for spec in specs:
+        if spec.guest_path in used:
+            a = used[spec.guest_path]
+            raise InvalidArgument(
+                f"{a.domain} already has {a.volume or 'a volume'} at {spec.guest_path} "
+                f"(tag {a.tag}); detach it first or choose another guest path"
+            )
