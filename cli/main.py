@@ -243,6 +243,12 @@ def cmd_export_create(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _consumer_text(consumer: Any) -> str:
+    if isinstance(consumer, dict):  # a virtio-fs export's guest
+        return f"vm={consumer['vm']} tag={consumer['tag']}"
+    return str(consumer or "")
+
+
 def cmd_export_ls(args: argparse.Namespace, out: TextIO) -> int:
     """List live exports."""
     exports = _client().list_exports(args.volume)
@@ -260,8 +266,8 @@ def cmd_export_ls(args: argparse.Namespace, out: TextIO) -> int:
                 "ro" if e["read_only"] else "rw",
                 f"{e['owner']['uid']}:{e['owner']['gid']}" if e["owner"] else "",
                 e["cache"],
-                e["consumer"] or "",
-                e["mountpoint"],
+                _consumer_text(e["consumer"]),
+                e.get("socket") or e["mountpoint"] or "",
             ]
             for e in exports
         ]
@@ -273,7 +279,7 @@ def cmd_export_ls(args: argparse.Namespace, out: TextIO) -> int:
             "OWNER",
             "CACHE",
             "CONSUMER",
-            "MOUNTPOINT",
+            "MOUNTPOINT / SOCKET",
         ]
         print_table(rows, headers, out)
     return EXIT_OK

@@ -159,3 +159,23 @@ def test_direct_virtiofsd_survives_a_restart_and_is_readopted(
         assert rearmed not in virtiofsd_pids()
     finally:
         assert daemon.stop() == 0
+
+
+def test_cli_lists_virtiofs_exports(daemon: Daemon) -> None:
+    import subprocess
+
+    from tests.conftest import VENV_BIN
+
+    client = daemon.client()
+    client.create_volume("data")
+    export = client.create_export("data", kind="virtiofs", consumer={"vm": "vm1", "tag": "t"})
+    result = subprocess.run(
+        [str(VENV_BIN / "boxvol"), "export", "ls"],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    row = result.stdout.splitlines()[1]
+    assert export["id"] in row and "vm=vm1 tag=t" in row and export["socket"] in row
