@@ -23,7 +23,6 @@ libvirtd itself if they are not running. Prints every command it runs and what i
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import re
@@ -35,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
@@ -44,6 +42,7 @@ from typing import Any
 import libvirt
 
 from guest.build import GuestImage, build_guest, default_out_dir
+from guest.domain import guest_domain_xml
 from volumed.client import Client
 from volumed.errors import BoxvolError
 from volumed.locations import Layout
@@ -174,33 +173,6 @@ def ensure_libvirt() -> None:
         if time.monotonic() > deadline:
             raise DemoFailed(f"libvirtd does not answer on {URI}")
         time.sleep(0.2)
-
-
-def domain_xml(name: str, image: GuestImage, console_log: Path, script: str) -> str:
-    """A TCG q35 guest booting the test kernel with ``script``; no memory backing and no
-    shares: those are what ``boxvol vm prepare`` and ``boxvol vm attach`` add."""
-    dom = ET.Element("domain", type="qemu")  # TCG: KVM guests hang on this host
-    ET.SubElement(dom, "name").text = name
-    ET.SubElement(dom, "memory", unit="MiB").text = "256"
-    ET.SubElement(dom, "vcpu").text = "1"
-    os_ = ET.SubElement(dom, "os")
-    ET.SubElement(os_, "type", arch="x86_64", machine="q35").text = "hvm"
-    ET.SubElement(os_, "kernel").text = str(image.kernel)
-    ET.SubElement(os_, "initrd").text = str(image.initrd)
-    encoded = base64.b64encode(script.encode()).decode()
-    words = ["console=ttyS0", "panic=-1", "quiet", "boxvol.timeout=120"]
-    ET.SubElement(os_, "cmdline").text = " ".join([*words, f"boxvol.script64={encoded}"])
-    ET.SubElement(ET.SubElement(dom, "features"), "acpi")
-    for event in ("on_poweroff", "on_reboot", "on_crash"):
-        ET.SubElement(dom, event).text = "destroy"
-    devices = ET.SubElement(dom, "devices")
-    serial = ET.SubElement(devices, "serial", type="file")
-    ET.SubElement(serial, "source", path=str(console_log))
-    ET.SubElement(serial, "target", port="0")
-    ET.SubElement(devices, "controller", type="usb", model="none")
-    ET.SubElement(devices, "memballoon", model="none")
-    ET.indent(dom)
-    return ET.tostring(dom, encoding="unicode")
 
 
 class Guest:
@@ -349,7 +321,9 @@ class Demo:
         guest = Guest(self.scratch, role)
         self.guests.append(guest)  # before it exists: clean-up looks for it either way
         script = script.format(domain=guest.name, **fields)
-        guest.xml_file.write_text(domain_xml(guest.name, image, guest.console_log, script))
+        guest.xml_file.write_text(
+            guest_domain_xml(guest.name, image, guest.console_log, script=script)
+        )
         return guest
 
     def connection(self) -> Any:

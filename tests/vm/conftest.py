@@ -9,7 +9,6 @@ kernel directly; what a guest does is a shell script on its kernel command line
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import secrets
@@ -18,7 +17,6 @@ import signal
 import subprocess
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import libvirt
 import pytest
 
 from guest.build import GuestImage, build_guest, default_out_dir
+from guest.domain import guest_domain_xml
 from tests.integration.conftest import Daemon
 from vmdriver.libvirt_driver import LibvirtDriver, ensure_event_loop
 from volumed.client import Client
@@ -206,33 +205,8 @@ class TestDomain:
         assert "script exit=0" in markers, self.console()
 
 
-def domain_xml(
-    name: str, image: GuestImage, console_log: Path, *, script: str, timeout: int = 120
-) -> str:
-    """A TCG q35 guest booting the test kernel, with no memory backing and no shares: what
-    ``prepare`` and ``attach`` add is theirs to add."""
-    dom = ET.Element("domain", type="qemu")  # TCG: KVM guests hang on this host
-    ET.SubElement(dom, "name").text = name
-    ET.SubElement(dom, "memory", unit="MiB").text = "256"
-    ET.SubElement(dom, "vcpu").text = "1"
-    os_ = ET.SubElement(dom, "os")
-    ET.SubElement(os_, "type", arch="x86_64", machine="q35").text = "hvm"
-    ET.SubElement(os_, "kernel").text = str(image.kernel)
-    ET.SubElement(os_, "initrd").text = str(image.initrd)
-    encoded = base64.b64encode(script.encode()).decode()
-    words = ["console=ttyS0", "panic=-1", f"boxvol.timeout={timeout}", f"boxvol.script64={encoded}"]
-    ET.SubElement(os_, "cmdline").text = " ".join(words)
-    ET.SubElement(ET.SubElement(dom, "features"), "acpi")
-    for event in ("on_poweroff", "on_reboot", "on_crash"):
-        ET.SubElement(dom, event).text = "destroy"
-    devices = ET.SubElement(dom, "devices")
-    serial = ET.SubElement(devices, "serial", type="file")
-    ET.SubElement(serial, "source", path=str(console_log))
-    ET.SubElement(serial, "target", port="0")
-    ET.SubElement(devices, "controller", type="usb", model="none")
-    ET.SubElement(devices, "memballoon", model="none")
-    ET.indent(dom)
-    return ET.tostring(dom, encoding="unicode")
+#: The test guest's definition (shared with the demo).
+domain_xml = guest_domain_xml
 
 
 def gone(conn: Any, name: str) -> bool:
