@@ -64,6 +64,7 @@ bench: setup
 	$(BIN)/python bench/control_plane.py
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/fuse.py
+	$(BIN)/python bench/virtiofs.py
 
 openapi: setup
 	$(BIN)/python -m volumed.openapi --write docs/openapi.json
