@@ -49,7 +49,8 @@ from typing import Any
 import libvirt
 
 from bench.control_plane import interrupt_on_sigterm, running_daemon
-from guest.build import GuestImage, build_guest, default_out_dir
+from guest.build import build_guest, default_out_dir
+from guest.domain import ensure_libvirt, guest_domain_xml
 from vmdriver.libvirt_driver import LibvirtDriver, ensure_event_loop
 from volumed.client import Client
 from volumed.errors import BoxvolError
@@ -140,57 +141,13 @@ def progress(message: str) -> None:
 # -- libvirt and the guest -------------------------------------------------------------------
 
 
-def _running(name: str) -> bool:
-    return subprocess.run(["pgrep", "-x", name], capture_output=True, check=False).returncode == 0
-
-
-def _libvirt_answers() -> bool:
-    try:
-        conn = libvirt.open(URI)
-    except libvirt.libvirtError:
-        return False
-    conn.close()
-    return True
-
-
-def ensure_libvirt() -> None:
-    """virtlogd (it writes the console file) and libvirtd, started if they are not running."""
+def ensure_libvirt_for_bench() -> None:
+    """libvirtd and virtlogd up, with libvirt's event loop registered first."""
     ensure_event_loop()  # before any connection; it also silences libvirt's stderr
-    for daemon in ("virtlogd", "libvirtd"):
-        if not _running(daemon):
-            progress(f"starting {daemon}")
-            subprocess.run([daemon, "-d"], check=True)
-    deadline = time.monotonic() + 30
-    while not _libvirt_answers():
-        if time.monotonic() > deadline:
-            raise BenchError(f"libvirtd does not answer on {URI}")
-        time.sleep(0.2)
-
-
-def domain_xml(name: str, image: GuestImage, console_log: Path, timeout: int) -> str:
-    """A TCG q35 guest booting the test kernel; shares and memory backing are vmdriver's to
-    add, the script word is added once the ctl share's tag is known."""
-    dom = ET.Element("domain", type="qemu")  # TCG: KVM guests hang on this host
-    ET.SubElement(dom, "name").text = name
-    ET.SubElement(dom, "memory", unit="MiB").text = "256"
-    ET.SubElement(dom, "vcpu").text = "1"
-    os_ = ET.SubElement(dom, "os")
-    ET.SubElement(os_, "type", arch="x86_64", machine="q35").text = "hvm"
-    ET.SubElement(os_, "kernel").text = str(image.kernel)
-    ET.SubElement(os_, "initrd").text = str(image.initrd)
-    words = ["console=ttyS0", "panic=-1", "quiet", f"boxvol.timeout={timeout}"]
-    ET.SubElement(os_, "cmdline").text = " ".join(words)
-    ET.SubElement(ET.SubElement(dom, "features"), "acpi")
-    for event in ("on_poweroff", "on_reboot", "on_crash"):
-        ET.SubElement(dom, event).text = "destroy"
-    devices = ET.SubElement(dom, "devices")
-    serial = ET.SubElement(devices, "serial", type="file")
-    ET.SubElement(serial, "source", path=str(console_log))
-    ET.SubElement(serial, "target", port="0")
-    ET.SubElement(devices, "controller", type="usb", model="none")
-    ET.SubElement(devices, "memballoon", model="none")
-    ET.indent(dom)
-    return ET.tostring(dom, encoding="unicode")
+    try:
+        ensure_libvirt(URI, say=progress)
+    except TimeoutError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def add_cmdline_word(conn: Any, name: str, word: str) -> None:
@@ -311,7 +268,7 @@ def sweep(scratch: str, domain: str) -> None:
 
 def measure(config: Config) -> tuple[dict[str, dict[str, list[float]]], str, float]:
     """Boot the guest and run the workloads; per op, per via, the seconds of each rep."""
-    ensure_libvirt()
+    ensure_libvirt_for_bench()
     image = build_guest(default_out_dir())
     scratch = tempfile.mkdtemp(prefix=DOMAIN_PREFIX, dir="/tmp")
     os.chmod(scratch, 0o755)
@@ -334,7 +291,11 @@ def measure(config: Config) -> tuple[dict[str, dict[str, list[float]]], str, flo
                 (ctl_dir / "run.sh").write_text(script)
                 conn = libvirt.open(URI)
                 try:
-                    conn.defineXML(domain_xml(name, image, console_log, guest_timeout))
+                    conn.defineXML(
+                        guest_domain_xml(
+                            name, image, console_log, script=None, timeout=guest_timeout
+                        )
+                    )
                     with LibvirtDriver(client, URI) as driver:
                         driver.prepare(name)
                         for via in VIAS:

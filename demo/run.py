@@ -42,7 +42,7 @@ from typing import Any
 import libvirt
 
 from guest.build import GuestImage, build_guest, default_out_dir
-from guest.domain import guest_domain_xml
+from guest.domain import ensure_libvirt, guest_domain_xml
 from volumed.client import Client
 from volumed.errors import BoxvolError
 from volumed.locations import Layout
@@ -147,32 +147,14 @@ class Shell:
 # -- libvirt ---------------------------------------------------------------------------------
 
 
-def _running(name: str) -> bool:
-    return subprocess.run(["pgrep", "-x", name], capture_output=True, check=False).returncode == 0
-
-
-def _libvirt_answers() -> bool:
-    try:
-        conn = libvirt.open(URI)
-    except libvirt.libvirtError:
-        return False
-    conn.close()
-    return True
-
-
-def ensure_libvirt() -> None:
-    """virtlogd (it writes the console files) and libvirtd, started if they are not running."""
+def ensure_libvirt_quietly() -> None:
+    """libvirtd and virtlogd up, libvirt's own stderr chatter off."""
     # libvirt prints every error to stderr by default, even those handled here.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    for daemon in ("virtlogd", "libvirtd"):
-        if not _running(daemon):
-            say(f"$ {daemon} -d")
-            subprocess.run([daemon, "-d"], check=True)
-    deadline = time.monotonic() + 30
-    while not _libvirt_answers():
-        if time.monotonic() > deadline:
-            raise DemoFailed(f"libvirtd does not answer on {URI}")
-        time.sleep(0.2)
+    try:
+        ensure_libvirt(URI, say=say)
+    except TimeoutError as exc:
+        raise DemoFailed(str(exc)) from None
 
 
 class Guest:
@@ -422,7 +404,7 @@ def boot(demo: Demo, shell: Shell, guest: Guest) -> None:
 
 def run(demo: Demo) -> None:
     say(f"# scratch dir {demo.scratch} (boxvold's home and runtime dir, console logs)")
-    ensure_libvirt()
+    ensure_libvirt_quietly()
     demo.start_daemon()
     shell = Shell(demo.env)
     shell.boxvol("version")

@@ -558,10 +558,17 @@ class LibvirtDriver:
             records = [r for r in dx.attachment_records(current) if r.tag not in drop]
             records += add
             element = dx.metadata_element(records) if records else None
-            with _libvirt(f"cannot record the attachments of {state.name}"):
-                state.dom.setMetadata(
-                    libvirt.VIR_DOMAIN_METADATA_ELEMENT, element, dx.NS_PREFIX, dx.NS, flag
-                )
+            try:
+                with _libvirt(f"cannot record the attachments of {state.name}"):
+                    state.dom.setMetadata(
+                        libvirt.VIR_DOMAIN_METADATA_ELEMENT, element, dx.NS_PREFIX, dx.NS, flag
+                    )
+            except (DomainStateConflict, HypervisorError):
+                # A guest may power off right after it releases a device: then the running
+                # definition is gone, and there is nothing left to record in it.
+                if flag == _AFFECT_LIVE and not state.dom.isActive():
+                    continue
+                raise
 
     def _edit_cmdline(
         self,

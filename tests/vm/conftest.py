@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import libvirt
 import pytest
 
 from guest.build import GuestImage, build_guest, default_out_dir
-from guest.domain import guest_domain_xml
+from guest.domain import ensure_libvirt, guest_domain_xml
 from tests.integration.conftest import Daemon
 from vmdriver.libvirt_driver import LibvirtDriver, ensure_event_loop
 from volumed.client import Client
@@ -38,32 +37,11 @@ MARKER = "BOXVOL-GUEST: "
 GUEST_TIMEOUT = 180.0
 
 
-def _libvirt_answers() -> bool:
-    try:
-        conn = libvirt.open(URI)
-    except libvirt.libvirtError:
-        return False
-    conn.close()
-    return True
-
-
-def _running(name: str) -> bool:
-    return subprocess.run(["pgrep", "-x", name], capture_output=True, check=False).returncode == 0
-
-
 @pytest.fixture(scope="session")
 def libvirtd() -> None:
     """virtlogd (it writes the guests' console files) and libvirtd, started if not running."""
     ensure_event_loop()  # before any connection is opened; it also silences libvirt's stderr
-    if not _running("virtlogd"):
-        subprocess.run(["virtlogd", "-d"], check=True)
-    if not _libvirt_answers():
-        if not _running("libvirtd"):
-            subprocess.run(["libvirtd", "-d"], check=True)
-        deadline = time.monotonic() + 30
-        while not _libvirt_answers():
-            assert time.monotonic() < deadline, "libvirtd did not answer within 30 s"
-            time.sleep(0.2)
+    ensure_libvirt(URI)
 
 
 @pytest.fixture(scope="session")
