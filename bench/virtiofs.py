@@ -51,6 +51,7 @@ import libvirt
 from bench.control_plane import interrupt_on_sigterm, running_daemon
 from guest.build import build_guest, default_out_dir
 from guest.domain import ensure_libvirt, guest_domain_xml
+from guest.processes import processes_naming
 from vmdriver.libvirt_driver import LibvirtDriver, ensure_event_loop
 from volumed.client import Client
 from volumed.errors import BoxvolError
@@ -190,21 +191,6 @@ def run_guest(conn: Any, name: str, console_log: Path, timeout: float) -> tuple[
 
 
 # -- clean-up --------------------------------------------------------------------------------
-
-
-def processes_naming(*needles: str) -> dict[int, str]:
-    """Processes whose command line contains one of ``needles`` (pid -> command line)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(n in command for n in needles):
-            found[int(entry.name)] = command.strip()
-    return found
 
 
 def remove_domain(name: str) -> None:

@@ -43,6 +43,7 @@ import libvirt
 
 from guest.build import GuestImage, build_guest, default_out_dir
 from guest.domain import ensure_libvirt, guest_domain_xml
+from guest.processes import processes_naming
 from volumed.client import Client
 from volumed.errors import BoxvolError
 from volumed.locations import Layout
@@ -203,21 +204,6 @@ class Guest:
 
 
 # -- clean-up --------------------------------------------------------------------------------
-
-
-def processes_naming(*needles: str) -> dict[int, str]:
-    """Processes whose command line contains one of ``needles`` (pid -> command line)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(n in command for n in needles):
-            found[int(entry.name)] = command.strip()
-    return found
 
 
 def mounts_under(root: Path) -> list[str]:

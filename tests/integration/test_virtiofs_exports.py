@@ -13,32 +13,13 @@ from typing import Any
 
 import pytest
 
+from guest.processes import command_lines
 from tests.integration.conftest import Daemon
 from volumed.errors import Conflict, InUse, InvalidArgument
 
 
 def virtiofsd_pids() -> dict[int, str]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if args and b"virtiofsd" in args[0]:
-            found[int(entry.name)] = b" ".join(args).decode(errors="replace")
-    return found
-
-
-def serving(export: dict[str, Any]) -> list[int]:
-    """virtiofsd processes serving ``export`` (found by its source or socket fd)."""
-    source = export["mountpoint"] or ""
-    return [
-        pid
-        for pid, cmd in virtiofsd_pids().items()
-        if (source and source in cmd) or export["volume"]["name"] in cmd
-    ]
+    return command_lines(program="virtiofsd")
 
 
 def wait_for(predicate: Any, what: str) -> None:

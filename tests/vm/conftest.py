@@ -25,6 +25,7 @@ import pytest
 
 from guest.build import GuestImage, build_guest, default_out_dir
 from guest.domain import ensure_libvirt, guest_domain_xml
+from guest.processes import processes_naming
 from tests.integration.conftest import Daemon
 from vmdriver.libvirt_driver import LibvirtDriver, ensure_event_loop
 from volumed.client import Client
@@ -88,18 +89,7 @@ def boxvold(home: Path, runtime_dir: Path) -> Iterator[Daemon]:
 
 def virtiofsd_serving(*paths: Path) -> dict[int, str]:
     """virtiofsd processes whose command line names one of ``paths`` (pid -> command)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        command = b" ".join(argv).decode(errors="replace")
-        if b"virtiofsd" in argv[0] and any(str(p) in command for p in paths):
-            found[int(entry.name)] = command
-    return found
+    return processes_naming(*(str(p) for p in paths), program="virtiofsd")
 
 
 @pytest.fixture

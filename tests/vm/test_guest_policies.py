@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from guest.processes import processes_naming
 from tests.integration.conftest import Daemon
 from tests.vm.conftest import URI, Domains, virtiofsd_serving
 from tests.vm.test_libvirt_driver import virtiofsd_running, volume_dir
@@ -45,17 +46,7 @@ def listing(path: Path) -> list[str]:
 
 def qemu_for(domain: str) -> list[int]:
     """QEMU processes running ``domain``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"qemu-system" in argv[0] and f"guest={domain},".encode() in b" ".join(argv):
-            found.append(int(entry.name))
-    return found
+    return list(processes_naming(f"guest={domain},", program="qemu-system"))
 
 
 def wait_for(what: str, check: Any, timeout: float = 30.0) -> Any:
