@@ -29,7 +29,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from bench.control_plane import BIN, interrupt_on_sigterm, running_daemon
+from bench.control_plane import BIN, interrupt_on_sigterm, positive_int, running_daemon
 from volumed.client import Client
 from volumed.errors import BoxvolError
 
@@ -226,17 +226,10 @@ def _mean(timing: Timing) -> str:
     return f"{timing.mean:.1f} ± {timing.stddev:.1f}"
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Options of the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
-    parser.add_argument("--runs", type=_positive, default=30, help="timed runs per command")
+    parser.add_argument("--runs", type=positive_int, default=30, help="timed runs per command")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs per command first")
     parser.add_argument(
         "--ls-volumes", type=int, default=10, help="volumes each side lists (besides the one made)"

@@ -347,7 +347,8 @@ def _ratio(api: float, base: float) -> str:
     return f"{api / base:.2f}x" if base > 0 else "-"
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
@@ -358,13 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     """Options of the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument(
-        "--volumes", type=_positive, default=1000, help="volumes to create/inspect/remove"
+        "--volumes", type=positive_int, default=1000, help="volumes to create/inspect/remove"
     )
     parser.add_argument(
-        "--list-volumes", type=_positive, default=10000, help="volumes present when listing"
+        "--list-volumes", type=positive_int, default=10000, help="volumes present when listing"
     )
-    parser.add_argument("--list-repeats", type=_positive, default=20, help="listings to time")
-    parser.add_argument("--workers", type=_positive, default=8, help="API client threads")
+    parser.add_argument("--list-repeats", type=positive_int, default=20, help="listings to time")
+    parser.add_argument("--workers", type=positive_int, default=8, help="API client threads")
     return parser
 
 

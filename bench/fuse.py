@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
-from bench.control_plane import BIN, interrupt_on_sigterm, running_daemon
+from bench.control_plane import BIN, interrupt_on_sigterm, positive_int, running_daemon
 from volumed.client import Client
 from volumed.errors import BoxvolError, NotFound
 from volumed.locations import Layout
@@ -999,13 +999,6 @@ def format_report(report: Report) -> str:
 # -- command line --------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
-
-
 def _choices(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
     def parse(text: str) -> tuple[str, ...]:
         chosen = {item.strip() for item in text.split(",") if item.strip()}
@@ -1023,18 +1016,18 @@ def build_parser() -> argparse.ArgumentParser:
     """Options of the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument(
-        "--size-mib", type=_positive, default=256, help="sequential file size (MiB)"
+        "--size-mib", type=positive_int, default=256, help="sequential file size (MiB)"
     )
     parser.add_argument(
-        "--rand-mib", type=_positive, default=64, help="random-read file size (MiB)"
+        "--rand-mib", type=positive_int, default=64, help="random-read file size (MiB)"
     )
-    parser.add_argument("--files", type=_positive, default=5000, help="files for create/stat/…")
+    parser.add_argument("--files", type=positive_int, default=5000, help="files for create/stat/…")
     parser.add_argument(
-        "--seconds", type=_positive, default=5, help="duration of the warm random reads"
+        "--seconds", type=positive_int, default=5, help="duration of the warm random reads"
     )
     parser.add_argument(
         "--repeat",
-        type=_positive,
+        type=positive_int,
         default=3,
         help="runs of each workload on each target; the report shows the median",
     )

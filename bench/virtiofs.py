@@ -48,7 +48,7 @@ from typing import Any
 
 import libvirt
 
-from bench.control_plane import interrupt_on_sigterm, running_daemon
+from bench.control_plane import interrupt_on_sigterm, positive_int, running_daemon
 from guest.build import build_guest, default_out_dir
 from guest.domain import ensure_libvirt, guest_domain_xml
 from guest.processes import processes_naming
@@ -381,23 +381,16 @@ def _ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}x" if base > 0 else "-"
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench/virtiofs.py",
         description="virtio-fs via=direct against via=fuse, measured inside one TCG guest.",
     )
-    parser.add_argument("--write-mib", type=_positive, default=64, help="file size (64)")
-    parser.add_argument("--files", type=_positive, default=1000, help="files (1000)")
-    parser.add_argument("--repeat", type=_positive, default=3, help="repetitions (3)")
+    parser.add_argument("--write-mib", type=positive_int, default=64, help="file size (64)")
+    parser.add_argument("--files", type=positive_int, default=1000, help="files (1000)")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="repetitions (3)")
     parser.add_argument(
-        "--timeout", type=_positive, default=3600, help="guest time limit, seconds (3600)"
+        "--timeout", type=positive_int, default=3600, help="guest time limit, seconds (3600)"
     )
     parser.add_argument("--keep-console", metavar="FILE", help="copy the guest console here")
     return parser
