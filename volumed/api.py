@@ -178,8 +178,8 @@ def _parse_filter(
     wanted_in_use = in_use if in_use is not None else (None if dangling is None else not dangling)
     label_pairs = []
     for text in labels:
-        key, has_value, _ = text.partition("=")
         key, value = parse_label(text)
+        has_value = "=" in text
         label_pairs.append((key, value if has_value else None))
     return ListFilter(
         kind=kind,  # type: ignore[arg-type]

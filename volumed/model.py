@@ -30,11 +30,6 @@ class Volume:
         """The directory name under the kind's managed root: the name, or the id."""
         return self.name if self.name is not None else self.id
 
-    @property
-    def display_name(self) -> str:
-        """What tables show: the name, or the id for anonymous volumes."""
-        return self.key
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ListFilter:

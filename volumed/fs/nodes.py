@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Iterator
 
 from volumed.exports import Export
 from volumed.fs.passthrough import Passthrough
@@ -179,7 +178,3 @@ class InodeTable:
         for node in list(self._nodes.values()):
             if node.export is export:
                 self._drop(node)
-
-    def nodes_of(self, export: ExportState) -> Iterator[Node]:
-        """Nodes of one export (for tests and diagnostics)."""
-        return (node for node in self._nodes.values() if node.export is export)
