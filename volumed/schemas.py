@@ -144,6 +144,9 @@ class VirtiofsdStatus(BaseModel):
     pid: int | None
     restarts: int
     last_exit: int | None
+    #: True while a virtiofsd adopted after a boxvold crash serves a FUSE view that died with
+    #: that crash: the guest sees I/O errors on the share until it stops using it.
+    source_lost: bool = False
 
 
 class ExportOut(BaseModel):

@@ -3,9 +3,17 @@
 boxvold owns the vhost-user socket: it binds and listens itself (mode 0660, the group QEMU
 runs with) and hands the listening fd to virtiofsd, which serves one connection (one boot
 or one hot-plug) and exits. While the export exists the supervisor re-arms a fresh
-virtiofsd after each exit, records crashes, and backs off when one crashes at once. A
-virtiofsd serving a volume directly outlives a clean boxvold stop and is re-adopted at the
-next start (found through its pidfile); removing the export always stops it.
+virtiofsd after each exit, records crashes, and backs off when one crashes at once; while
+it backs off the socket is closed, so a VMM that connects then is refused at once instead of
+waiting in the backlog. A virtiofsd serving a volume directly outlives a clean boxvold stop
+and is re-adopted at the next start (found through its pidfile); removing the export always
+stops it.
+
+After a crash of boxvold (SIGKILL), a virtiofsd still serving a guest is re-adopted whatever
+its source. One serving a FUSE view has lost that source with the crash: the guest gets I/O
+errors on the share until it lets go of it. Stopping that virtiofsd would hang the guest's
+I/O instead (QEMU 7.2 cannot reconnect a vhost-user-fs device), so it is left to end with
+the guest's session, reported as ``source_lost``, and a fresh one is armed on the new view.
 """
 
 from __future__ import annotations
@@ -92,13 +100,20 @@ class VhostSupervisor:
         self.pid: int | None = None
         self.restarts = 0
         self.last_exit: int | None = None
+        #: True while an adopted virtiofsd serves a FUSE view that died with boxvold.
+        self.source_lost = False
         self._stopping = False
         self._scope: trio.CancelScope | None = None
         self._done = trio.Event()
 
     def status(self) -> dict[str, object]:
         """What the API reports about the daemon behind the export."""
-        return {"pid": self.pid, "restarts": self.restarts, "last_exit": self.last_exit}
+        return {
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "source_lost": self.source_lost,
+        }
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until stopped (or boxvold shuts down)."""
@@ -106,22 +121,11 @@ class VhostSupervisor:
             with trio.CancelScope() as scope:
                 self._scope = scope
                 adopted = self._adoptable_pid()
-                if adopted is None:
-                    listener = await trio.to_thread.run_sync(
-                        bind_vhost_socket, self.socket_path, self.gid
-                    )
-                else:
-                    listener = None
                 if adopted is not None:
                     task_status.started()
-                    log.info("virtiofsd re-adopted export=%s pid=%d", self.export_id, adopted)
-                    await self._wait_adopted(adopted)
-                    listener = await trio.to_thread.run_sync(
-                        bind_vhost_socket, self.socket_path, self.gid
-                    )
-                assert listener is not None
-                with listener:
-                    await self._keep_armed(listener, task_status)
+                    task_status = trio.TASK_STATUS_IGNORED
+                    await self._serve_adopted(adopted)
+                await self._keep_armed(task_status)
         finally:
             self._done.set()
 
@@ -145,6 +149,23 @@ class VhostSupervisor:
             return None
         return pid if _alive_virtiofsd(pid, self.source) else None
 
+    async def _serve_adopted(self, pid: int) -> None:
+        self.source_lost = not self.keep_on_shutdown
+        if self.source_lost:
+            log.warning(
+                "virtiofsd re-adopted export=%s pid=%d source_lost=true: its FUSE view died "
+                "with the previous boxvold, so the guest gets I/O errors on this share until "
+                "it stops using it (stop or reboot the domain); a fresh virtiofsd is armed then",
+                self.export_id,
+                pid,
+            )
+        else:
+            log.info("virtiofsd re-adopted export=%s pid=%d", self.export_id, pid)
+        try:
+            await self._wait_adopted(pid)
+        finally:
+            self.source_lost = False
+
     async def _wait_adopted(self, pid: int) -> None:
         self.pid = pid
         try:
@@ -164,29 +185,40 @@ class VhostSupervisor:
         self.pid = None
         log.info("re-adopted virtiofsd exited export=%s", self.export_id)
 
-    async def _keep_armed(
-        self, listener: socket.socket, task_status: trio.TaskStatus[None]
-    ) -> None:
+    async def _keep_armed(self, task_status: trio.TaskStatus[None]) -> None:
         backoff = 0.1
         while True:
-            started = time.monotonic()
-            status = await self._run_once(listener, task_status)
-            self.last_exit = status
-            if status == 0:
-                log.info("virtiofsd session ended export=%s; re-arming", self.export_id)
-                backoff = 0.1
-                continue
-            self.restarts += 1
+            listener = await trio.to_thread.run_sync(bind_vhost_socket, self.socket_path, self.gid)
+            with listener:
+                while True:
+                    started = time.monotonic()
+                    status = await self._run_once(listener, task_status)
+                    task_status = trio.TASK_STATUS_IGNORED
+                    self.last_exit = status
+                    if status == 0:
+                        log.info("virtiofsd session ended export=%s; re-arming", self.export_id)
+                        backoff = 0.1
+                        continue
+                    self.restarts += 1
+                    log.warning(
+                        "virtiofsd crashed export=%s status=%s restarts=%d log=%s",
+                        self.export_id,
+                        status,
+                        self.restarts,
+                        self.logfile,
+                    )
+                    if time.monotonic() - started < QUICK_EXIT:
+                        break
+            # Crashing at once: refuse connections while backing off.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
             log.warning(
-                "virtiofsd crashed export=%s status=%s restarts=%d log=%s",
+                "virtiofsd backing off export=%s seconds=%.1f (socket closed meanwhile)",
                 self.export_id,
-                status,
-                self.restarts,
-                self.logfile,
+                backoff,
             )
-            if time.monotonic() - started < QUICK_EXIT:
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def _run_once(self, listener: socket.socket, task_status: trio.TaskStatus[None]) -> int:
         fd = listener.fileno()
@@ -210,8 +242,7 @@ class VhostSupervisor:
             self.socket_path,
             self.source,
         )
-        with contextlib.suppress(RuntimeError):  # only the first arming reports readiness
-            task_status.started()
+        task_status.started()
         try:
             return await process.wait()
         except BaseException:

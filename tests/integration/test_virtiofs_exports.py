@@ -6,6 +6,7 @@ from __future__ import annotations
 import grp
 import os
 import signal
+import socket
 import stat
 import time
 from pathlib import Path
@@ -110,6 +111,47 @@ def test_a_dead_virtiofsd_is_rearmed(daemon: Daemon) -> None:
     assert "virtiofsd crashed" in daemon.log.read_text()
     client.remove_export(export["id"])
     assert status["pid"] not in virtiofsd_pids()
+
+
+def test_a_virtiofsd_crashing_at_once_is_backed_off_with_its_socket_closed(
+    home: Path, runtime_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A virtiofsd that dies as it starts (a stand-in found on PATH, beside the real crash
+    # above): while boxvold backs off, a VMM connecting must be refused, not queued.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "virtiofsd").write_text("#!/bin/sh\nexit 3\n")
+    (bindir / "virtiofsd").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    daemon = Daemon(home, runtime_dir)
+    daemon.start()
+    try:
+        client = daemon.client()
+        client.create_volume("data")
+        export = client.create_export("data", kind="virtiofs", consumer={"vm": "vm1", "tag": "c"})
+        wait_for(
+            lambda: client.get_export(export["id"])["virtiofsd"]["restarts"] >= 4,
+            "the crashing virtiofsd was not restarted",
+        )
+
+        def refused() -> bool:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as vmm:
+                vmm.settimeout(1.0)
+                try:
+                    vmm.connect(export["socket"])
+                except (FileNotFoundError, ConnectionRefusedError):
+                    return True
+                except (TimeoutError, BlockingIOError):  # queued in a full backlog: not refused
+                    return False
+            return False
+
+        wait_for(refused, "a VMM was never refused while boxvold backed off")
+        assert "virtiofsd backing off" in daemon.log.read_text()
+        assert client.get_export(export["id"])["virtiofsd"]["last_exit"] == 3
+        client.remove_export(export["id"])
+        assert not Path(export["socket"]).exists()
+    finally:
+        assert daemon.stop() == 0
 
 
 def test_direct_virtiofsd_survives_a_restart_and_is_readopted(

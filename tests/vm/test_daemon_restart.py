@@ -1,0 +1,159 @@
+"""boxvold killed (SIGKILL) while a real guest uses one of its shares, then started again.
+
+A direct share keeps serving the guest through the crash and its virtiofsd is re-adopted. A
+via=fuse share loses its source with the crash: the guest gets errors (not a hang), boxvold
+reports ``source_lost``, and the next boot of the domain writes through a fresh virtiofsd
+on the new FUSE view. Both end with no virtiofsd, QEMU or FUSE mount left behind.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+from tests.integration.conftest import Daemon
+from tests.vm.conftest import Domains
+from tests.vm.test_guest_policies import alive, qemu_for, wait_for
+from tests.vm.test_libvirt_driver import volume_dir
+from vmdriver.libvirt_driver import LibvirtDriver
+from volumed.client import Client
+
+#: Writes, waits for the host's go (a file in the volume), writes again, powers off.
+KEEPS_WRITING = """\
+echo ready > /data/before.txt && sync
+echo "STEP: mounted"
+while [ ! -e /data/go ]; do sleep 0.2; done
+echo after > /data/after.txt && sync
+echo "STEP: wrote after"
+"""
+
+#: First boot: writes, then reports each change in whether the share answers. A later boot
+#: (the host leaves ``second-boot`` in the volume) writes once and powers off.
+PROBES = """\
+if [ -e /data/second-boot ]; then
+  echo again > /data/again.txt && sync && echo "STEP: wrote again"
+  exit 0
+fi
+echo ready > /data/before.txt && sync
+echo "STEP: mounted"
+last=
+while true; do
+  if ls /data > /dev/null 2>&1 && echo x > /data/probe.txt 2>/dev/null; then r=ok; else r=failed; fi
+  if [ "$r" != "$last" ]; then echo "PROBE: $r"; last=$r; fi
+  sleep 0.3
+done
+"""
+
+
+def fuse_mounts(runtime_dir: Path) -> list[str]:
+    """Mount points of boxvold's FUSE filesystem under ``runtime_dir`` (stale ones included)."""
+    with open("/proc/self/mounts") as mounts:
+        return [
+            fields[1]
+            for fields in (line.split() for line in mounts)
+            if fields[1].startswith(str(runtime_dir)) and fields[2].startswith("fuse")
+        ]
+
+
+def log_since(daemon: Daemon, offset: int) -> str:
+    with daemon.log.open("rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace")
+
+
+def crash_and_restart(boxvold: Daemon) -> int:
+    """SIGKILL boxvold, start it again; the log offset where the new process begins."""
+    assert boxvold.stop(signal.SIGKILL) == -signal.SIGKILL
+    offset = boxvold.log.stat().st_size
+    boxvold.start()
+    return offset
+
+
+def virtiofsd_of(client: Client, export_id: str) -> dict[str, Any]:
+    info: dict[str, Any] = client.get_export(export_id)["virtiofsd"]
+    return info
+
+
+def test_direct_share_survives_a_boxvold_crash(
+    driver: LibvirtDriver, domains: Domains, boxvold: Daemon, client: Client
+) -> None:
+    guest = domains.define(script=KEEPS_WRITING, timeout=0)
+    driver.prepare(guest.name)
+    [att] = driver.attach(guest.name, ["crashy:/data"])
+    export_id = att.export_id or ""
+    guest.start()
+    guest.wait_console("STEP: mounted")
+    host = volume_dir(boxvold, client.get_volume("crashy"))
+    serving = virtiofsd_of(client, export_id)["pid"]
+    assert serving and alive(serving)
+
+    offset = crash_and_restart(boxvold)
+    assert alive(serving), "the direct virtiofsd died with boxvold"
+    info = virtiofsd_of(client, export_id)
+    assert info["pid"] == serving and not info["source_lost"], info
+    assert f"virtiofsd re-adopted export={export_id} pid={serving}" in log_since(boxvold, offset)
+    assert len(fuse_mounts(boxvold.runtime_dir)) == 1, "the stale FUSE mount was not detached"
+
+    # The guest goes on writing through the virtiofsd that outlived the crash.
+    (host / "go").touch()
+    guest.wait_console("STEP: wrote after")
+    guest.wait_stopped()
+    guest.check_done()
+    assert (host / "after.txt").read_text() == "after\n"
+
+    # Its session over, the re-adopted virtiofsd exits and a fresh one is armed.
+    def rearmed() -> int | None:
+        pid: int | None = virtiofsd_of(client, export_id)["pid"]
+        return pid if pid and pid != serving else None
+
+    fresh = wait_for("a fresh virtiofsd after the adopted one", rearmed)
+    assert alive(fresh) and not alive(serving)
+    [detached] = driver.detach(guest.name, ["/data"])
+    assert detached.export_id == export_id and client.list_exports() == []
+    wait_for("the fresh virtiofsd to stop", lambda: not alive(fresh))
+
+
+def test_via_fuse_share_reports_its_lost_source_and_serves_the_next_boot(
+    driver: LibvirtDriver, domains: Domains, boxvold: Daemon, client: Client
+) -> None:
+    guest = domains.define(script=PROBES, timeout=0)
+    driver.prepare(guest.name)
+    [att] = driver.attach(guest.name, ["stacked:/data"], via="fuse")
+    export_id = att.export_id or ""
+    guest.start()
+    guest.wait_console("PROBE: ok")
+    host = volume_dir(boxvold, client.get_volume("stacked"))
+    assert (host / "before.txt").read_text() == "ready\n"
+    serving = virtiofsd_of(client, export_id)["pid"]
+
+    offset = crash_and_restart(boxvold)
+    info = virtiofsd_of(client, export_id)
+    assert info["pid"] == serving and info["source_lost"] is True, info
+    logged = log_since(boxvold, offset)
+    assert f"export={export_id} pid={serving} source_lost=true" in logged, logged
+    assert len(fuse_mounts(boxvold.runtime_dir)) == 1, "the stale FUSE mount was not detached"
+
+    # The guest is told (errors on the share), not hung: its probe loop keeps running.
+    guest.wait_console("PROBE: failed")
+    assert guest.dom.isActive()
+
+    # Once the guest lets go, a fresh virtiofsd serves the new view, and the next boot writes.
+    guest.dom.destroy()
+    wait_for("QEMU to exit", lambda: not qemu_for(guest.name))
+
+    def rearmed() -> dict[str, Any] | None:
+        current = virtiofsd_of(client, export_id)
+        return current if current["pid"] and current["pid"] != serving else None
+
+    current = wait_for("a fresh virtiofsd on the new view", rearmed)
+    assert current["source_lost"] is False and not alive(serving), current
+    (host / "second-boot").touch()
+    guest.start()
+    guest.wait_console("STEP: wrote again")
+    guest.wait_stopped()
+    assert (host / "again.txt").read_text() == "again\n"
+    assert "script exit=0" in guest.markers(), guest.console()
+
+    [detached] = driver.detach(guest.name, ["/data"])
+    assert detached.export_id == export_id and client.list_exports() == []
