@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--cache",
         choices=["auto", "none", "always"],
-        help="kernel caching: auto (default, 1 s), none, always (10 min)",
+        help="kernel caching: auto (default, 5 s), none, always (10 min)",
     )
     e.set_defaults(func=cmd_export_create)
     e = export_sub.add_parser("ls", aliases=["list"], help="list exports")

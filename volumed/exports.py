@@ -26,9 +26,13 @@ MAX_ID = (1 << 32) - 2  # uid/gid 4294967295 is (uid_t)-1, "no change"
 class CachePolicy:
     """How long the kernel may trust what the export told it."""
 
-    #: Seconds a name lookup stays valid in the kernel (a failed one is not cached:
-    #: ENOENT is answered as an error, so a name created elsewhere shows at once).
+    #: Seconds a name lookup stays valid in the kernel.
     entry_timeout: float
+    #: Seconds the kernel may remember that a name does not exist. Short: a program that
+    #: looks a name up and then creates it (every create through a virtiofsd stacked on
+    #: the view does) is spared a second lookup, while a name created elsewhere shows
+    #: within this long.
+    negative_timeout: float
     #: Seconds attributes (size, mtime, mode) stay valid without asking the daemon.
     attr_timeout: float
     #: Keep file pages cached across opens; libfuse's auto_inval_data still drops them
@@ -41,8 +45,9 @@ class CachePolicy:
 #: answered by the kernel at native speed, without the daemon. The price is freshness when
 #: the volume is also changed elsewhere (another export of it, a virtiofsd serving it, the
 #: host): such a change can go unseen for up to 5 s (an old size, mtime, mode or name, and
-#: the old pages until a getattr shows the new mtime or size). Changes made through the
-#: export itself are seen at once. Why 5 and not 1: a program that walks a tree and comes
+#: the old pages until a getattr shows the new mtime or size), and a name created there can
+#: take 1 s to show if it was looked up just before. Changes made through the export itself
+#: are seen at once. Why 5 and not 1: a program that walks a tree and comes
 #: back to it (a build, a test run, ``git status``; bench/fuse.py's warm stat, after an
 #: untimed pass over 5,000 files that takes 1-1.5 s at the daemon's speed) found all it had
 #: seen expired, and each stat cost a trip to the daemon: 0.01x native against 1.5x with
@@ -51,9 +56,13 @@ class CachePolicy:
 #: fresh, slowest): for a volume changed by several parties at once. ``always`` trusts the
 #: cache for ten minutes: for a volume that only this export changes.
 CACHE_POLICIES: dict[str, CachePolicy] = {
-    "auto": CachePolicy(entry_timeout=5.0, attr_timeout=5.0, keep_cache=True),
-    "none": CachePolicy(entry_timeout=0.0, attr_timeout=0.0, keep_cache=False),
-    "always": CachePolicy(entry_timeout=600.0, attr_timeout=600.0, keep_cache=True),
+    "auto": CachePolicy(entry_timeout=5.0, negative_timeout=1.0, attr_timeout=5.0, keep_cache=True),
+    "none": CachePolicy(
+        entry_timeout=0.0, negative_timeout=0.0, attr_timeout=0.0, keep_cache=False
+    ),
+    "always": CachePolicy(
+        entry_timeout=600.0, negative_timeout=600.0, attr_timeout=600.0, keep_cache=True
+    ),
 }
 DEFAULT_CACHE = "auto"
 

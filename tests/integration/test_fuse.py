@@ -112,6 +112,26 @@ def test_attributes(export: Export) -> None:
     assert os.stat(f).st_mtime_ns > 2_000_000_123
 
 
+def test_missing_names_are_remembered_per_cache_mode(daemon: Daemon) -> None:
+    # ``always`` remembers a missing name (for 10 minutes: no race with the clock here), so a
+    # name created behind the export's back stays hidden, while a create through the export
+    # replaces what the kernel remembered. ``none`` remembers nothing.
+    cached = Export(daemon, "data", cache="always")
+    assert not (cached.path / "late").exists()
+    (cached.backing / "late").write_text("behind its back")
+    assert not (cached.path / "late").exists()
+    assert not (cached.path / "made2").exists()
+    with open(cached.path / "made2", "x") as made:
+        made.write("through the export")
+    assert (cached.path / "made2").read_text() == "through the export"
+
+    fresh = Export(daemon, "data", cache="none")
+    assert not (fresh.path / "later").exists()
+    (fresh.backing / "later").write_text("seen at once")
+    assert (fresh.path / "later").read_text() == "seen at once"
+    assert (fresh.path / "late").read_text() == "behind its back"
+
+
 def test_renames_with_flags(export: Export) -> None:
     p = export.path
     (p / "a").write_text("A")

@@ -249,7 +249,16 @@ class BoxvolFS(pyfuse3.Operations):
             state.root.lookups += 1
             return self._attrs(state.root.inode, st, state)
         parent = self.table.node(parent_inode)
-        fd, st = await self._on_node(parent, parent.export.view.lookup, name)
+        try:
+            fd, st = await self._on_node(parent, parent.export.view.lookup, name)
+        except FileNotFoundError:
+            remember = parent.export.export.policy.cache_policy.negative_timeout
+            if remember <= 0:
+                raise
+            absent = pyfuse3.EntryAttributes()
+            absent.st_ino = 0  # "no such name", which the kernel keeps for entry_timeout
+            absent.entry_timeout = remember
+            return absent
         return self._entry(parent, fd, st)
 
     @fuse_edge
