@@ -4,7 +4,7 @@
     boxvol vm attach DOMAIN -v SPEC [-v SPEC ...] [--live] [--config] [--via direct|fuse]
     boxvol vm detach DOMAIN (TARGET ... | -v SPEC ... | --all) [--live] [--config] [--timeout S]
     boxvol vm ls DOMAIN [-q] [--format table|json]
-    boxvol vm watch
+    boxvol vm watch            (releases undefined domains' volumes; docs/vm-watch.md)
     (every command takes --connect URI; the default is qemu:///system)
 
 A thin front end of ``vmdriver.libvirt_driver``. Every ``-v`` spec is parsed before anything
@@ -109,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="only tags")
     p.add_argument("--format", choices=["table", "json"], default="table")
 
-    command("watch", "follow domain lifecycles; release undefined domains' volumes", domain=False)
+    command(
+        "watch",
+        "follow domain lifecycles; release undefined domains' volumes (also those undefined "
+        "while no watcher ran, at start and after reconnecting to libvirt)",
+        domain=False,
+    )
     return parser
 
 
@@ -215,9 +220,17 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _watch(uri: str, out: TextIO) -> int:
+    """Run the lifecycle watcher until interrupted; what it releases goes to ``out``, what
+    it does about the connection (reconnection attempts) to the log on stderr."""
+    import logging
+
     import trio
 
     from vmdriver.driver import LifecycleEvent
+
+    # A long-running command: its log (reconnections, failed releases) is its only voice.
+    # A no-op where the caller already configured logging (tests, an embedding program).
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def report(event: LifecycleEvent) -> None:
         if event.released is not None:

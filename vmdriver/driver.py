@@ -120,7 +120,8 @@ class Released:
     kept: tuple[tuple[str, str], ...] = ()
 
 
-LifecycleKind = Literal["defined", "undefined", "started", "stopped", "other"]
+#: ``gone``: found missing when the watcher (re)connected, not seen as an event.
+LifecycleKind = Literal["defined", "undefined", "started", "stopped", "gone", "other"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -128,7 +129,8 @@ class LifecycleEvent:
     """A domain lifecycle event as the watcher saw it, and what it did about it."""
 
     domain: str
-    uuid: str
+    #: None for ``gone``: boxvold's records name the domain, libvirt no longer knows it.
+    uuid: str | None
     kind: LifecycleKind
     #: Set when the domain was gone and its exports and anonymous volumes were released.
     released: Released | None = None
@@ -236,13 +238,19 @@ class VMDriver(Protocol):
         """Delete the exports and anonymous volumes of a domain that no longer exists."""
         ...
 
+    def reconcile(self) -> list[LifecycleEvent]:
+        """Release the domains boxvold still exports to that no longer exist (undefined
+        while nothing watched); one ``gone`` event per domain released."""
+        ...
+
     async def watch_lifecycle(
         self,
         *,
         on_event: Any = None,
         task_status: trio.TaskStatus[None] = ...,
     ) -> None:
-        """Follow domain lifecycle events until cancelled; release undefined domains."""
+        """Follow domain lifecycle events until cancelled; release undefined domains, and
+        reconcile at start and whenever the hypervisor connection is re-established."""
         ...
 
 

@@ -13,7 +13,9 @@ keeps a guest from ever talking to a stopped virtiofsd:
   DEVICE_REMOVED event, then from the persistent definition, then the export deleted (which
   stops virtiofsd). If the guest does not let go in time, the export stays;
 - lifecycle: a stopped domain keeps its exports (boxvold re-arms virtiofsd for the next boot);
-  an undefined one has its exports deleted and its anonymous volumes removed.
+  an undefined one has its exports deleted and its anonymous volumes removed, when its event
+  arrives or, if nothing was watching then, at the next ``reconcile`` (``vmdriver.libvirt_watch``
+  runs one at start and after every reconnection).
 
 Event callbacks run on libvirt's event thread and only hand what they saw to the side waiting
 for it (a condition variable for device removals, a trio memory channel for lifecycle events);
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -729,16 +730,51 @@ class LibvirtDriver:
         """Delete the exports (``consumer.vm == domain``) and remove the anonymous volumes
         (``consumer == "vm:<domain>"``) of a domain that no longer exists on this connection.
         Refused while the domain exists: its guest may still use them."""
-        try:
-            self.conn.lookupByName(domain)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() not in _NO_DOMAIN:
-                raise translate(exc, f"cannot look up {domain}") from None
-        else:
+        if self._exists(domain):
             raise DomainStateConflict(
                 f"domain {domain} still exists; its volumes are released once it is undefined"
             )
         return self._release(domain)
+
+    def _exists(self, domain: str) -> bool:
+        """Whether a domain of this name exists on the connection (defined, or transient and
+        running). Only libvirt's VIR_ERR_NO_DOMAIN means it does not: any other libvirt error
+        (a lost connection, a refused call) is raised, so nothing is released on a guess."""
+        try:
+            self.conn.lookupByName(domain)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() in _NO_DOMAIN:
+                return False
+            raise translate(exc, f"cannot look up {domain}") from None
+        return True
+
+    def reconcile(self) -> list[LifecycleEvent]:
+        """Release every domain that boxvold still exports to but that no longer exists on
+        this connection: those undefined (or, transient, stopped) while no watcher listened.
+
+        The candidates are the domains named by exports' consumers (``{"vm": name, ...}``, as
+        ``attach`` records them); each is looked up by name and released (as ``release``
+        does: exports deleted, anonymous volumes removed) only if libvirt answers
+        VIR_ERR_NO_DOMAIN. A domain whose lookup or release fails otherwise is logged and
+        kept for the next reconcile. Raises if boxvold cannot list its exports. Blocks.
+        """
+        names: dict[str, None] = {}
+        for export in self.client.list_exports():
+            consumer = export.get("consumer")
+            if isinstance(consumer, dict) and isinstance(consumer.get("vm"), str):
+                names[consumer["vm"]] = None
+        events = []
+        for name in names:
+            try:
+                if self._exists(name):
+                    continue
+                log.info("domain %s no longer exists on %s: releasing its volumes", name, self.uri)
+                released = self._release(name)
+            except BoxvolError as exc:
+                log.error("reconcile: kept the exports of %s: %s", name, exc.message)
+                continue
+            events.append(LifecycleEvent(name, None, "gone", released))
+        return events
 
     def _release(self, domain: str) -> Released:
         exports = []
@@ -777,13 +813,44 @@ class LibvirtDriver:
         with _libvirt(f"cannot read the state of domain {uuid}"):
             return not (dom.isActive() or dom.isPersistent())
 
-    def _handle(self, name: str, uuid: str, event: int) -> LifecycleEvent:
-        """Blocking reaction to one lifecycle event (runs in a worker thread)."""
+    def handle_lifecycle_event(self, name: str, uuid: str, event: int) -> LifecycleEvent:
+        """The reaction to one libvirt lifecycle event (``VIR_DOMAIN_EVENT_*``): a domain
+        that is gone has its volumes released. Blocks (the watcher runs it in a thread)."""
         kind: LifecycleKind = _KINDS.get(event, "other")
         released = None
         if kind in ("undefined", "stopped") and self._gone(uuid):
             released = self._release(name)
         return LifecycleEvent(name, uuid, kind, released)
+
+    # -- lifecycle subscriptions (for ``vmdriver.libvirt_watch``) -------------------------
+
+    def subscribe(
+        self,
+        on_lifecycle: Callable[[Any, Any, int, int, Any], None],
+        on_close: Callable[[Any, int, Any], None],
+        opaque: object,
+    ) -> Subscription:
+        """Open the connection if needed and register a lifecycle callback and the
+        connection's close callback (``opaque`` is handed back to ``on_close``). Both run on
+        libvirt's event thread. All or nothing; blocks."""
+        conn = self.conn
+        with _libvirt(f"cannot subscribe to libvirt's lifecycle events on {self.uri}"):
+            callback_id = conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None
+            )
+        try:
+            with _libvirt(f"cannot watch the libvirt connection to {self.uri}"):
+                conn.registerCloseCallback(on_close, opaque)
+        except BoxvolError:
+            _deregister(conn, callback_id)
+            raise
+        return Subscription(conn, callback_id)
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Undo ``subscribe``; errors of a connection that is already gone are ignored."""
+        with contextlib.suppress(libvirt.libvirtError):
+            subscription.conn.unregisterCloseCallback()
+        _deregister(subscription.conn, subscription.callback_id)
 
     async def watch_lifecycle(
         self,
@@ -791,45 +858,19 @@ class LibvirtDriver:
         on_event: Callable[[LifecycleEvent], object] | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Follow libvirt's domain lifecycle events until cancelled.
+        """Follow libvirt's domain lifecycle events until cancelled, reconciling at start
+        and after every reconnection; see ``vmdriver.libvirt_watch.watch``."""
+        from vmdriver.libvirt_watch import watch
 
-        The callback runs on libvirt's event thread and only passes (name, uuid, event) into a
-        trio memory channel; the reactions run here, one at a time, in worker threads. An
-        undefined domain (or a transient one that stopped, and so is gone) has its exports
-        deleted and its anonymous volumes removed; a domain that merely stops keeps its
-        exports, which boxvold re-arms for the next boot. ``task_status.started()`` is called
-        once the subscription is in place.
-        """
-        send, receive = trio.open_memory_channel[tuple[str, str, int]](math.inf)
-        token = trio.lowlevel.current_trio_token()
+        await watch(self, on_event=on_event, task_status=task_status)
 
-        def on_lifecycle(_conn: Any, dom: Any, event: int, _detail: int, _opaque: Any) -> None:
-            item = (dom.name(), dom.UUIDString(), event)
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(send.send_nowait, item)
 
-        conn = await trio.to_thread.run_sync(lambda: self.conn)
-        callback_id = await trio.to_thread.run_sync(
-            conn.domainEventRegisterAny,
-            None,
-            libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-            on_lifecycle,
-            None,
-        )
-        try:
-            task_status.started()
-            async with receive:
-                async for name, uuid, event in receive:
-                    try:
-                        seen = await trio.to_thread.run_sync(self._handle, name, uuid, event)
-                    except BoxvolError as exc:
-                        log.error("lifecycle event of %s: %s", name, exc)
-                        continue
-                    if on_event is not None:
-                        on_event(seen)
-        finally:
-            with trio.move_on_after(5, shield=True):
-                await trio.to_thread.run_sync(_deregister, conn, callback_id)
+class Subscription:
+    """A lifecycle callback and a close callback registered on one libvirt connection."""
+
+    def __init__(self, conn: Any, callback_id: int) -> None:
+        self.conn = conn
+        self.callback_id = callback_id
 
 
 _KINDS: dict[int, LifecycleKind] = {
