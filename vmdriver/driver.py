@@ -169,6 +169,12 @@ class DomainStateConflict(Conflict):
     code = "domain_state"
 
 
+class DomainBusy(Conflict):
+    """Another VM driver process is changing the same domain."""
+
+    code = "domain_busy"
+
+
 class HypervisorUnavailable(VMDriverError):
     """The hypervisor connection could not be opened or was lost."""
 

@@ -57,6 +57,8 @@ from vmdriver.driver import (
     VolumeRef,
     check_specs_against,
 )
+from vmdriver.locks import DEFAULT_WAIT as DEFAULT_LOCK_WAIT
+from vmdriver.locks import default_lock_dir, domain_lock
 from volumed.client import Client, ensure_spec_volumes
 from volumed.errors import BoxvolError, InUse, InvalidArgument, NotFound
 from volumed.specs import VolumeSpec, parse_specs
@@ -251,9 +253,20 @@ class LibvirtDriver:
     _removals: _Removals
     _callbacks: list[int]
 
-    def __init__(self, client: Client, uri: str = DEFAULT_URI) -> None:
+    def __init__(
+        self,
+        client: Client,
+        uri: str = DEFAULT_URI,
+        *,
+        lock_dir: str | None = None,
+        lock_wait: float = DEFAULT_LOCK_WAIT,
+    ) -> None:
         self.client = client
         self.uri = uri
+        #: Where the per-domain change locks live (``vmdriver.locks``), and how long a
+        #: change waits for another one on the same domain.
+        self.lock_dir = lock_dir if lock_dir is not None else default_lock_dir()
+        self.lock_wait = lock_wait
         self._conn = None
         self._removals = _Removals()
         self._callbacks = []
@@ -311,6 +324,17 @@ class LibvirtDriver:
     def _on_removal_failed(self, _conn: Any, dom: Any, alias: str, _opaque: Any) -> None:
         self._removals.post(dom.UUIDString(), alias, "failed")
 
+    @contextlib.contextmanager
+    def _changing(self, name: str) -> Iterator[_State]:
+        """The domain, read while this process holds its change lock (``vmdriver.locks``):
+        what another ``boxvol vm`` command wrote before is seen, and nothing it writes
+        meanwhile is lost."""
+        dom = self._domain(name).dom
+        with _libvirt(f"cannot read the UUID of domain {name}"):
+            uuid = dom.UUIDString()
+        with domain_lock(self.lock_dir, uuid, name, wait=self.lock_wait):
+            yield _State(dom, name)
+
     def _domain(self, name: str) -> _State:
         conn = self.conn
         with _libvirt(f"no domain {name!r} on {self.uri}"):
@@ -334,18 +358,18 @@ class LibvirtDriver:
         """Give the domain's persistent definition shared memory (and, on q35, spare PCIe
         root ports for hot-plug); a prepared domain is left untouched. A running domain
         gets the change at its next boot."""
-        state = self._domain(domain)
-        if state.config_xml is None:
-            raise DomainStateConflict(
-                f"domain {domain} is transient: its memory backing cannot change while it runs; "
-                "define it (virsh define) and prepare that"
-            )
-        result = dx.prepare_domain(state.config_xml, spare_root_ports=spare_root_ports)
-        if result.changes:
-            with _libvirt(f"libvirt refused the prepared definition of {domain}"):
-                self.conn.defineXML(result.xml)
-            log.info("prepared %s: %s", domain, "; ".join(result.changes))
-        return PrepareResult(domain, result.changes, state.running and bool(result.changes))
+        with self._changing(domain) as state:
+            if state.config_xml is None:
+                raise DomainStateConflict(
+                    f"domain {domain} is transient: its memory backing cannot change while it "
+                    "runs; define it (virsh define) and prepare that"
+                )
+            result = dx.prepare_domain(state.config_xml, spare_root_ports=spare_root_ports)
+            if result.changes:
+                with _libvirt(f"libvirt refused the prepared definition of {domain}"):
+                    self.conn.defineXML(result.xml)
+                log.info("prepared %s: %s", domain, "; ".join(result.changes))
+            return PrepareResult(domain, result.changes, state.running and bool(result.changes))
 
     # -- listing ------------------------------------------------------------------------
 
@@ -412,74 +436,74 @@ class LibvirtDriver:
         # host path is refused here, as are two specs for one guest path.
         specs = parse_specs([s if isinstance(s, str) else str(s) for s in specs])
         self._check_version()
-        state = self._domain(domain)
-        scope = state.scope(scope)
-        existing = self._attachments(state)
-        check_specs_against(specs, existing)
-        self._check_prepared(state, scope)
-        kernel_cmdline = (
-            scope.config
-            and state.config_xml is not None
-            and dx.has_direct_kernel_boot(state.config_xml)
-        )
-        if kernel_cmdline:
-            for spec in specs:
-                dx.check_cmdline_path(spec.guest_path)
-        taken = {a.tag for a in existing}
-        for xml in (state.live_xml, state.config_xml):
-            if xml is not None:
-                taken |= dx.filesystem_tags(xml)
-
-        volumes = ensure_spec_volumes(self.client, list(specs), consumer=f"vm:{domain}")
-        flags = (_AFFECT_LIVE if scope.live else 0) | (_AFFECT_CONFIG if scope.config else 0)
-        steps = [_Step(spec, volume) for spec, volume in zip(specs, volumes, strict=True)]
-        try:
-            for step in steps:
-                spec, volume = step.spec, step.volume
-                tag = dx.derive_tag(volume.get("name"), volume["id"], taken)
-                taken.add(tag)
-                export = self._create_export(volume["id"], spec.read_only, via, domain, tag)
-                step.socket = export["socket"]
-                step.record = dx.AttachmentRecord(
-                    tag=tag,
-                    guest_path=spec.guest_path,
-                    read_only=spec.read_only,
-                    export_id=export["id"],
-                    volume_id=volume["id"],
-                    volume_name=volume.get("name"),
-                    via=via,
-                    alias=dx.alias_for_tag(tag),
-                )
-                device = dx.filesystem_device(export["socket"], tag, alias=step.record.alias)
-                log.info("attaching %s to %s as %s (%s)", volume["id"], domain, tag, scope)
-                with _libvirt(f"libvirt could not attach {spec} to {domain}"):
-                    state.dom.attachDeviceFlags(device, flags)
-                step.attached = True
-            records = [s.record for s in steps if s.record is not None]
-            self._record(state, scope, add=records)
-            if kernel_cmdline:
-                words = [dx.MountWord(r.tag, r.guest_path, r.read_only) for r in records]
-                self._edit_cmdline(state, add=words)
-        except BaseException:
-            self._roll_back(state, scope, steps, kernel_cmdline)
-            raise
-        return [
-            Attachment(
-                domain=domain,
-                tag=r.tag,
-                guest_path=r.guest_path,
-                read_only=r.read_only,
-                export_id=r.export_id,
-                volume=VolumeRef(r.volume_id, r.volume_name),
-                via=r.via,
-                alias=r.alias,
-                socket=s.socket,
-                live=scope.live,
-                config=scope.config,
+        with self._changing(domain) as state:
+            scope = state.scope(scope)
+            existing = self._attachments(state)
+            check_specs_against(specs, existing)
+            self._check_prepared(state, scope)
+            kernel_cmdline = (
+                scope.config
+                and state.config_xml is not None
+                and dx.has_direct_kernel_boot(state.config_xml)
             )
-            for s in steps
-            if (r := s.record) is not None
-        ]
+            if kernel_cmdline:
+                for spec in specs:
+                    dx.check_cmdline_path(spec.guest_path)
+            taken = {a.tag for a in existing}
+            for xml in (state.live_xml, state.config_xml):
+                if xml is not None:
+                    taken |= dx.filesystem_tags(xml)
+
+            volumes = ensure_spec_volumes(self.client, list(specs), consumer=f"vm:{domain}")
+            flags = (_AFFECT_LIVE if scope.live else 0) | (_AFFECT_CONFIG if scope.config else 0)
+            steps = [_Step(spec, volume) for spec, volume in zip(specs, volumes, strict=True)]
+            try:
+                for step in steps:
+                    spec, volume = step.spec, step.volume
+                    tag = dx.derive_tag(volume.get("name"), volume["id"], taken)
+                    taken.add(tag)
+                    export = self._create_export(volume["id"], spec.read_only, via, domain, tag)
+                    step.socket = export["socket"]
+                    step.record = dx.AttachmentRecord(
+                        tag=tag,
+                        guest_path=spec.guest_path,
+                        read_only=spec.read_only,
+                        export_id=export["id"],
+                        volume_id=volume["id"],
+                        volume_name=volume.get("name"),
+                        via=via,
+                        alias=dx.alias_for_tag(tag),
+                    )
+                    device = dx.filesystem_device(export["socket"], tag, alias=step.record.alias)
+                    log.info("attaching %s to %s as %s (%s)", volume["id"], domain, tag, scope)
+                    with _libvirt(f"libvirt could not attach {spec} to {domain}"):
+                        state.dom.attachDeviceFlags(device, flags)
+                    step.attached = True
+                records = [s.record for s in steps if s.record is not None]
+                self._record(state, scope, add=records)
+                if kernel_cmdline:
+                    words = [dx.MountWord(r.tag, r.guest_path, r.read_only) for r in records]
+                    self._edit_cmdline(state, add=words)
+            except BaseException:
+                self._roll_back(state, scope, steps, kernel_cmdline)
+                raise
+            return [
+                Attachment(
+                    domain=domain,
+                    tag=r.tag,
+                    guest_path=r.guest_path,
+                    read_only=r.read_only,
+                    export_id=r.export_id,
+                    volume=VolumeRef(r.volume_id, r.volume_name),
+                    via=r.via,
+                    alias=r.alias,
+                    socket=s.socket,
+                    live=scope.live,
+                    config=scope.config,
+                )
+                for s in steps
+                if (r := s.record) is not None
+            ]
 
     def _check_prepared(self, state: _State, scope: Scope) -> None:
         if scope.live and state.live_xml is not None and not dx.has_shared_memory(state.live_xml):
@@ -605,15 +629,15 @@ class LibvirtDriver:
         not release the device within ``timeout`` seconds (or refuses) stops the detach with
         an error and the export keeps running: QEMU still holds its socket.
         """
-        state = self._domain(domain)
-        scope = state.scope(scope)
-        attachments = self._attachments(state)
-        chosen = _select(domain, attachments, targets)
-        done = []
-        for attachment in chosen:
-            self._detach_one(state, attachment, scope, timeout)
-            done.append(attachment)
-        return done
+        with self._changing(domain) as state:
+            scope = state.scope(scope)
+            attachments = self._attachments(state)
+            chosen = _select(domain, attachments, targets)
+            done = []
+            for attachment in chosen:
+                self._detach_one(state, attachment, scope, timeout)
+                done.append(attachment)
+            return done
 
     def _detach_one(
         self, state: _State, attachment: Attachment, scope: Scope, timeout: float
