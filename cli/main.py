@@ -20,9 +20,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any, TextIO
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+EXIT_OK = errors.EXIT_OK
+EXIT_FAILED = errors.EXIT_FAILED
+EXIT_USAGE = errors.EXIT_USAGE
 
 
 class UsageError(Exception):
@@ -454,12 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         sys.stderr.write(f"boxvol: error: {exc}\n")
         return EXIT_USAGE
-    except errors.InvalidArgument as exc:  # the daemon refused an argument as written
-        sys.stderr.write(f"boxvol: error: {exc.message}\n")
-        return EXIT_USAGE
     except errors.BoxvolError as exc:
-        sys.stderr.write(f"boxvol: error: {exc.message}\n")
-        return EXIT_FAILED
+        return errors.report_to_terminal(exc)
     except BrokenPipeError:
         return EXIT_FAILED
     return code

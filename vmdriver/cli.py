@@ -29,9 +29,9 @@ if TYPE_CHECKING:
     from vmdriver.driver import Attachment, Scope
     from vmdriver.libvirt_driver import LibvirtDriver
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+EXIT_OK = errors.EXIT_OK
+EXIT_FAILED = errors.EXIT_FAILED
+EXIT_USAGE = errors.EXIT_USAGE
 DEFAULT_URI = "qemu:///system"  # as vmdriver.libvirt_driver.DEFAULT_URI, without importing it
 
 
@@ -260,12 +260,8 @@ def main_vm(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> 
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         return _run(args, out)
-    except errors.InvalidArgument as exc:
-        sys.stderr.write(f"boxvol: error: {exc.message}\n")
-        return EXIT_USAGE
     except errors.BoxvolError as exc:
-        sys.stderr.write(f"boxvol: error: {exc.message}\n")
-        return EXIT_FAILED
+        return errors.report_to_terminal(exc)
     except BrokenPipeError:
         return EXIT_FAILED
 

@@ -1,11 +1,14 @@
 """The one error hierarchy of boxvold and its clients.
 
 Lower layers raise these; each edge maps them once: the HTTP API through ``HTTP_STATUS``,
-the CLI to an exit code, FUSE (later) to an errno. Every message is meant for a human: it
-names what was wrong and what to do instead. Imports nothing, so the CLI can use it.
+the CLI (``boxvol`` and ``boxvol vm``) through ``report_to_terminal``, FUSE to an errno.
+Every message is meant for a human: it names what was wrong and what to do instead. Imports
+only ``sys``, so the CLI can use it without slowing its start.
 """
 
 from __future__ import annotations
+
+import sys
 
 
 class BoxvolError(Exception):
@@ -127,6 +130,19 @@ def http_status(error: BoxvolError) -> int:
         if isinstance(error, cls):
             return status
     return 500
+
+
+#: Exit statuses of the ``boxvol`` command (``boxvol vm`` included).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def report_to_terminal(error: BoxvolError) -> int:
+    """Print ``error`` for a person at a terminal; the exit status it gets (an argument
+    refused as written is a usage error, 2; anything else a failed operation, 1)."""
+    sys.stderr.write(f"boxvol: error: {error.message}\n")
+    return EXIT_USAGE if isinstance(error, InvalidArgument) else EXIT_FAILED
 
 
 def from_code(code: str, message: str) -> BoxvolError:
