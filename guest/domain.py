@@ -8,7 +8,7 @@ import base64
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import libvirt
@@ -52,11 +52,17 @@ def ensure_libvirt(
 
 
 def guest_domain_xml(
-    name: str, image: GuestImage, console_log: Path, *, script: str | None, timeout: int = 120
+    name: str,
+    image: GuestImage,
+    console_log: Path,
+    *,
+    script: str | None,
+    timeout: int = 120,
+    extra_words: Sequence[str] = (),
 ) -> str:
     """A domain that boots the test guest, runs ``script`` (given to init on the kernel
     command line; None: the caller adds a ``boxvol.script=`` word later) and powers off;
-    every exit path destroys it."""
+    every exit path destroys it. ``extra_words`` go on the kernel command line too."""
     dom = ET.Element("domain", type="qemu")  # TCG: KVM guests hang on this host
     ET.SubElement(dom, "name").text = name
     ET.SubElement(dom, "memory", unit="MiB").text = "256"
@@ -65,7 +71,7 @@ def guest_domain_xml(
     ET.SubElement(os_, "type", arch="x86_64", machine="q35").text = "hvm"
     ET.SubElement(os_, "kernel").text = str(image.kernel)
     ET.SubElement(os_, "initrd").text = str(image.initrd)
-    words = ["console=ttyS0", "panic=-1", f"boxvol.timeout={timeout}"]
+    words = ["console=ttyS0", "panic=-1", f"boxvol.timeout={timeout}", *extra_words]
     if script is not None:
         words.append(f"boxvol.script64={base64.b64encode(script.encode()).decode()}")
     ET.SubElement(os_, "cmdline").text = " ".join(words)

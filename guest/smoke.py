@@ -15,13 +15,12 @@ virtiofsd stopped, the temporary directory removed. Run from the repository root
 `.venv/bin/python -m guest.smoke` (or `.venv/bin/python guest/smoke.py`).
 
 This is a proof script, not part of boxvold: it may import libvirt and nothing from boxvol but
-guest.build.
+the guest package.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import logging
 import os
@@ -42,6 +41,7 @@ if __package__ in (None, ""):
     # Run as a file: make the repository root importable for guest.build.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from guest.build import GuestImage, build_guest, default_out_dir
+from guest.domain import guest_domain_xml
 
 log = logging.getLogger(__name__)
 
@@ -124,61 +124,43 @@ def domain_xml(
     name: str,
     image: GuestImage,
     shares: Sequence[tuple[Share, Path]],
-    cmdline: str,
     console_log: Path,
-    memory_mib: int = 256,
+    *,
+    words: Sequence[str],
+    script_text: str | None,
 ) -> str:
-    """A transient TCG guest with direct kernel boot, no disk, the shares, a file console."""
-    dom = ET.Element("domain", type="qemu")  # TCG: KVM guests hang on this host
-    ET.SubElement(dom, "name").text = name
-    ET.SubElement(dom, "memory", unit="MiB").text = str(memory_mib)
-    ET.SubElement(dom, "vcpu").text = "1"
+    """The test guest's domain (``guest.domain``) with shared memory and the shares, each
+    wired to its virtiofsd's socket."""
+    dom = ET.fromstring(
+        guest_domain_xml(
+            name, image, console_log, script=script_text, timeout=60, extra_words=words
+        )
+    )
     # virtio-fs needs guest RAM that virtiofsd can map: shared memfd.
-    backing = ET.SubElement(dom, "memoryBacking")
+    backing = ET.Element("memoryBacking")
     ET.SubElement(backing, "source", type="memfd")
     ET.SubElement(backing, "access", mode="shared")
-    os_ = ET.SubElement(dom, "os")
-    ET.SubElement(os_, "type", arch="x86_64", machine="q35").text = "hvm"
-    ET.SubElement(os_, "kernel").text = str(image.kernel)
-    ET.SubElement(os_, "initrd").text = str(image.initrd)
-    ET.SubElement(os_, "cmdline").text = cmdline
-    features = ET.SubElement(dom, "features")
-    ET.SubElement(features, "acpi")  # poweroff -f goes through ACPI on q35
-    # Power-off, reboot (init's last resort is a panic with panic=-1) and crash all end it.
-    ET.SubElement(dom, "on_poweroff").text = "destroy"
-    ET.SubElement(dom, "on_reboot").text = "destroy"
-    ET.SubElement(dom, "on_crash").text = "destroy"
-    devices = ET.SubElement(dom, "devices")
-    for share, socket in shares:
-        fs = ET.SubElement(devices, "filesystem", type="mount")
+    vcpu = dom.find("vcpu")
+    assert vcpu is not None
+    dom.insert(list(dom).index(vcpu) + 1, backing)
+    devices = dom.find("devices")
+    assert devices is not None
+    for position, (share, socket) in enumerate(shares):
+        fs = ET.Element("filesystem", type="mount")
         ET.SubElement(fs, "driver", type="virtiofs", queue="1024")
         ET.SubElement(fs, "source", socket=str(socket))
         ET.SubElement(fs, "target", dir=share.tag)
-    serial = ET.SubElement(devices, "serial", type="file")
-    ET.SubElement(serial, "source", path=str(console_log))
-    ET.SubElement(serial, "target", port="0")
-    # Nothing else: no USB controller, balloon or NIC to probe under slow TCG.
-    ET.SubElement(devices, "controller", type="usb", model="none")
-    ET.SubElement(devices, "memballoon", model="none")
+        devices.insert(position, fs)
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode")
 
 
-def guest_cmdline(
-    shares: Sequence[Share],
-    *,
-    script: tuple[str, str] | None = None,
-    script_text: str | None = None,
-    timeout: int = 60,
-) -> str:
-    words = ["console=ttyS0", "panic=-1", f"boxvol.timeout={timeout}"]
-    for s in shares:
-        words.append(f"boxvol.mount={s.tag}:{s.guest_path}{':ro' if s.read_only else ''}")
+def share_words(shares: Sequence[Share], *, script: tuple[str, str] | None = None) -> list[str]:
+    """Kernel command line words telling init what to mount (and which script to run)."""
+    words = [f"boxvol.mount={s.tag}:{s.guest_path}{':ro' if s.read_only else ''}" for s in shares]
     if script is not None:
         words.append(f"boxvol.script={script[0]}:{script[1]}")
-    if script_text is not None:
-        words.append("boxvol.script64=" + base64.b64encode(script_text.encode()).decode())
-    return " ".join(words)
+    return words
 
 
 def _domain_gone(conn: libvirt.virConnect, name: str) -> bool:
@@ -196,7 +178,9 @@ def run_guest(
     image: GuestImage,
     workdir: Path,
     shares: Sequence[Share],
-    cmdline: str,
+    words: Sequence[str],
+    *,
+    script_text: str | None = None,
     timeout: float = 120.0,
 ) -> GuestRun:
     """Boot one transient guest with a virtiofsd per share; return once it has shut off."""
@@ -208,13 +192,13 @@ def run_guest(
             socket = workdir / f"{share.tag}.sock"
             stack.enter_context(_virtiofsd(share, socket, workdir / f"virtiofsd-{share.tag}.log"))
             wired.append((share, socket))
-        xml = domain_xml(name, image, wired, cmdline, console_log)
+        xml = domain_xml(name, image, wired, console_log, words=words, script_text=script_text)
         log.debug("domain XML:\n%s", xml)
         (workdir / f"{name}.xml").write_text(xml)
         started = time.monotonic()
         dom = conn.createXML(xml, 0)
         stack.callback(_destroy, conn, name)  # runs before the virtiofsd teardowns above
-        log.info("started %s (cmdline: %s)", name, cmdline)
+        log.info("started %s (extra cmdline words: %s)", name, " ".join(words))
         while not _domain_gone(conn, name):
             if time.monotonic() - started > timeout:
                 dom.destroy()
@@ -268,7 +252,7 @@ def smoke_rw(conn: libvirt.virConnect, image: GuestImage) -> GuestRun:
             "set -e\nuname -r > /data/hello.txt\nsync\ncat /data/hello.txt\nls -l /data\n"
         )
         shares = [Share("data", data, "/data"), Share("ctl", ctl, "/boxvol/ctl", read_only=True)]
-        run = run_guest(conn, image, work, shares, guest_cmdline(shares, script=("ctl", "run.sh")))
+        run = run_guest(conn, image, work, shares, share_words(shares, script=("ctl", "run.sh")))
         _check_done(run, "rw run")
         if run.script_exit != 0:
             raise SmokeError(f"rw run: script exit={run.script_exit}; console:\n{run.console}")
@@ -306,7 +290,7 @@ def smoke_ro(conn: libvirt.virConnect, image: GuestImage) -> tuple[GuestRun, dic
         data.mkdir(mode=0o755)
         (data / "existing.txt").write_text("from the host\n")
         shares = [Share("data", data, "/data", read_only=True)]
-        run = run_guest(conn, image, work, shares, guest_cmdline(shares, script_text=RO_SCRIPT))
+        run = run_guest(conn, image, work, shares, share_words(shares), script_text=RO_SCRIPT)
         _check_done(run, "ro run")
         probes = dict(p.split("=", 1) for p in run.lines_with(RO_PROBE))
         probes["host-sees-ro-probe"] = str((data / "ro-probe.txt").exists())
