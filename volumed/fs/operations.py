@@ -4,7 +4,8 @@ The mount's root lists live exports by id; everything below an export's director
 export's volume seen through its policy view. Every blocking call runs in a worker thread
 (``workers.WorkerPool``, bounded), one trip per request at most; a few requests need none
 and are answered on the loop: the root's attributes, flush (ENOSYS, see ``flush``), release
-(a close), and a directory's GETATTR right after a change made in it (see ``_fresh_attrs``).
+(a close), getxattr of a name views never expose (``security.capability``, asked before every
+write), and a directory's GETATTR right after a change made in it (see ``_fresh_attrs``).
 This is the only place errors become errnos: an OSError passes its errno; anything else is
 a bug, logged and answered with EIO, never allowed to stop pyfuse3's loop.
 """
@@ -24,7 +25,7 @@ import pyfuse3
 import trio
 
 from volumed.fs.nodes import ROOT_INODE, ExportState, InodeTable, Node
-from volumed.fs.passthrough import AttrChange, Caller, Passthrough
+from volumed.fs.passthrough import AttrChange, Caller, Passthrough, is_exposed_xattr
 from volumed.fs.views import presented_owner
 from volumed.fs.workers import WorkerPool
 
@@ -574,7 +575,10 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == ROOT_INODE:
+        if inode == ROOT_INODE or not is_exposed_xattr(name):
+            # Answered here, with no worker trip: the kernel asks for security.capability
+            # before every write(2) to a file (to drop file capabilities), and views never
+            # expose such a name.
             raise OSError(pyfuse3.ENOATTR, "")
         node = self.table.node(inode)
         return await self._on_node(node, node.export.view.getxattr, name)

@@ -363,7 +363,7 @@ class Passthrough:
 
     def getxattr(self, fd: int, name: bytes) -> bytes:
         """The value of an extended attribute."""
-        if not name.startswith(b"user."):
+        if not is_exposed_xattr(name):
             raise OSError(errno.ENODATA, "")
         try:
             target = self._xattr_target(fd)
@@ -392,6 +392,11 @@ class Passthrough:
         """Remove an extended attribute."""
         _check_xattr_write(name)
         os.removexattr(self._xattr_target(fd), name)
+
+
+def is_exposed_xattr(name: bytes) -> bool:
+    """True for the extended attributes views pass through (user.*); others never exist."""
+    return name.startswith(b"user.")
 
 
 def _check_xattr_write(name: bytes) -> None:
