@@ -9,11 +9,13 @@ waiting in the backlog. A virtiofsd serving a volume directly outlives a clean b
 and is re-adopted at the next start (found through its pidfile); removing the export always
 stops it.
 
-After a crash of boxvold (SIGKILL), a virtiofsd still serving a guest is re-adopted whatever
-its source. One serving a FUSE view has lost that source with the crash: the guest gets I/O
-errors on the share until it lets go of it. Stopping that virtiofsd would hang the guest's
-I/O instead (QEMU 7.2 cannot reconnect a vhost-user-fs device), so it is left to end with
-the guest's session, reported as ``source_lost``, and a fresh one is armed on the new view.
+After a crash of boxvold (SIGKILL), a virtiofsd serving a volume directly is re-adopted. One
+serving a FUSE view has lost that source with the crash. If no guest is connected to it, it
+is stopped and a fresh one is armed on the new view, so the next boot gets a working share.
+If a guest is connected, the guest gets I/O errors on the share until it lets go of it;
+stopping that virtiofsd would hang the guest's I/O instead (QEMU 7.2 cannot reconnect a
+vhost-user-fs device), so it is re-adopted, reported as ``source_lost``, left running when
+boxvold stops cleanly, and replaced by a fresh one once the guest's session ends.
 """
 
 from __future__ import annotations
@@ -60,6 +62,27 @@ def bind_vhost_socket(path: str, gid: int | None) -> socket.socket:
     os.chmod(path, 0o660)
     sock.listen(1)
     return sock
+
+
+#: /proc/net/unix's state of a connected socket (SS_CONNECTED).
+_CONNECTED = "03"
+
+
+def connected_at(proc_net_unix: str, path: str) -> bool:
+    """True if ``proc_net_unix`` (the text of /proc/net/unix) lists a connected socket bound
+    to ``path``: a connection accepted on the listener there shares its address, while the
+    listener itself is unconnected and a VMM's end has no address."""
+    for line in proc_net_unix.splitlines()[1:]:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[5] == _CONNECTED and fields[7] == path:
+            return True
+    return False
+
+
+def _guest_connected(path: str) -> bool:
+    """Blocking: whether a VMM is connected to the vhost-user socket at ``path``."""
+    with open("/proc/net/unix") as table:
+        return connected_at(table.read(), path)
 
 
 def _alive_virtiofsd(pid: int, marker: str) -> bool:
@@ -121,6 +144,13 @@ class VhostSupervisor:
             with trio.CancelScope() as scope:
                 self._scope = scope
                 adopted = self._adoptable_pid()
+                if (
+                    adopted is not None
+                    and not self.keep_on_shutdown
+                    and not await trio.to_thread.run_sync(_guest_connected, self.socket_path)
+                ):
+                    await self._stop_idle_lost(adopted)
+                    adopted = None
                 if adopted is not None:
                     task_status.started()
                     task_status = trio.TASK_STATUS_IGNORED
@@ -149,13 +179,39 @@ class VhostSupervisor:
             return None
         return pid if _alive_virtiofsd(pid, self.source) else None
 
+    async def _stop_idle_lost(self, pid: int) -> None:
+        """Stop a virtiofsd left by a crashed boxvold on a FUSE view that died with it, while
+        no guest uses it: the next guest to connect would get a dead share."""
+        log.warning(
+            "virtiofsd left by the previous boxvold export=%s pid=%d serves a FUSE view that "
+            "died with it and no guest is connected: stopping it and arming a fresh one",
+            self.export_id,
+            pid,
+        )
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            with trio.move_on_after(STOP_GRACE):
+                await trio.lowlevel.wait_readable(pidfd)
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+
     async def _serve_adopted(self, pid: int) -> None:
         self.source_lost = not self.keep_on_shutdown
         if self.source_lost:
             log.warning(
                 "virtiofsd re-adopted export=%s pid=%d source_lost=true: its FUSE view died "
                 "with the previous boxvold, so the guest gets I/O errors on this share until "
-                "it stops using it (stop or reboot the domain); a fresh virtiofsd is armed then",
+                "it lets go of it (shut the domain down, or detach the share; a reboot inside "
+                "the guest keeps the connection); a fresh virtiofsd is armed then",
                 self.export_id,
                 pid,
             )
@@ -176,7 +232,10 @@ class VhostSupervisor:
             try:
                 await trio.lowlevel.wait_readable(pidfd)
             except BaseException:
-                if self._stopping or not self.keep_on_shutdown:
+                # Kept when boxvold stops: one serving a volume directly (as ever), and one
+                # whose guest still holds a lost FUSE view (stopping it would hang the guest).
+                kept = self.keep_on_shutdown or self.source_lost
+                if self._stopping or not kept:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGTERM)
                 raise
@@ -188,7 +247,23 @@ class VhostSupervisor:
     async def _keep_armed(self, task_status: trio.TaskStatus[None]) -> None:
         backoff = 0.1
         while True:
-            listener = await trio.to_thread.run_sync(bind_vhost_socket, self.socket_path, self.gid)
+            try:
+                listener = await trio.to_thread.run_sync(
+                    bind_vhost_socket, self.socket_path, self.gid
+                )
+            except OSError as exc:
+                if task_status is not trio.TASK_STATUS_IGNORED:
+                    raise  # the export is being created: its creator gets the error
+                log.error(
+                    "cannot bind the vhost-user socket export=%s socket=%s: %s; retrying in %.1f s",
+                    self.export_id,
+                    self.socket_path,
+                    exc,
+                    backoff,
+                )
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
             with listener:
                 while True:
                     started = time.monotonic()

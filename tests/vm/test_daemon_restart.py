@@ -1,9 +1,10 @@
 """boxvold killed (SIGKILL) while a real guest uses one of its shares, then started again.
 
 A direct share keeps serving the guest through the crash and its virtiofsd is re-adopted. A
-via=fuse share loses its source with the crash: the guest gets errors (not a hang), boxvold
-reports ``source_lost``, and the next boot of the domain writes through a fresh virtiofsd
-on the new FUSE view. Both end with no virtiofsd, QEMU or FUSE mount left behind.
+via=fuse share loses its source with the crash: a connected guest gets errors (not a hang),
+boxvold reports ``source_lost``, and the domain's next boot writes through a fresh virtiofsd
+on the new FUSE view; with no guest connected, the stale virtiofsd is replaced at once. All
+end with no virtiofsd, QEMU or FUSE mount left behind.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ while true; do
   if [ "$r" != "$last" ]; then echo "PROBE: $r"; last=$r; fi
   sleep 0.3
 done
+"""
+
+
+WRITES_ONCE = """\
+set -e
+echo booted > /data/after-crash.txt && sync
 """
 
 
@@ -157,3 +164,30 @@ def test_via_fuse_share_reports_its_lost_source_and_serves_the_next_boot(
 
     [detached] = driver.detach(guest.name, ["/data"])
     assert detached.export_id == export_id and client.list_exports() == []
+
+
+def test_a_stopped_domains_via_fuse_share_serves_its_next_boot_after_a_crash(
+    driver: LibvirtDriver, domains: Domains, boxvold: Daemon, client: Client
+) -> None:
+    # No guest connected at the crash: the virtiofsd left on the dead FUSE view must not be
+    # what the next boot connects to.
+    guest = domains.define(script=WRITES_ONCE)
+    driver.prepare(guest.name)
+    [att] = driver.attach(guest.name, ["idle:/data"], via="fuse")
+    export = client.get_export(att.export_id or "")
+    armed = export["virtiofsd"]["pid"]
+    ready = Path(export["socket"]).with_suffix(".log")
+    wait_for("virtiofsd to be ready", lambda: "Waiting for vhost-user" in ready.read_text())
+
+    crash_and_restart(boxvold)
+    wait_for("the stale virtiofsd to be stopped", lambda: not alive(armed))
+    info = virtiofsd_of(client, export["id"])
+    assert info["pid"] and info["pid"] != armed and not info["source_lost"], info
+
+    guest.start()
+    guest.wait_stopped()
+    guest.check_done()
+    host = volume_dir(boxvold, client.get_volume("idle"))
+    assert (host / "after-crash.txt").read_text() == "booted\n"
+    [detached] = driver.detach(guest.name, ["/data"])
+    assert detached.export_id == export["id"] and client.list_exports() == []
