@@ -66,6 +66,8 @@ from volumed.specs import VolumeSpec, parse_specs
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "qemu:///system"
+#: An anonymous volume made for a domain's attachment belongs to ``vm:<domain name>``.
+VM_CONSUMER_PREFIX = "vm:"
 #: How long a detach waits for the guest to release a device. Guests answer a PCIe unplug
 #: request after the hot-plug controller's 5 s "attention" delay; TCG guests are slower still.
 DEFAULT_REMOVAL_TIMEOUT = 60.0
@@ -454,7 +456,9 @@ class LibvirtDriver:
                 if xml is not None:
                     taken |= dx.filesystem_tags(xml)
 
-            volumes = ensure_spec_volumes(self.client, list(specs), consumer=f"vm:{domain}")
+            volumes = ensure_spec_volumes(
+                self.client, list(specs), consumer=f"{VM_CONSUMER_PREFIX}{domain}"
+            )
             flags = (_AFFECT_LIVE if scope.live else 0) | (_AFFECT_CONFIG if scope.config else 0)
             steps = [_Step(spec, volume) for spec, volume in zip(specs, volumes, strict=True)]
             try:
@@ -777,7 +781,8 @@ class LibvirtDriver:
         this connection: those undefined (or, transient, stopped) while no watcher listened.
 
         The candidates are the domains named by exports' consumers (``{"vm": name, ...}``, as
-        ``attach`` records them); each is looked up by name and released (as ``release``
+        ``attach`` records them) and by anonymous volumes' (``vm:NAME``); each is looked up by
+        name and released (as ``release``
         does: exports deleted, anonymous volumes removed) only if libvirt answers
         VIR_ERR_NO_DOMAIN. A domain whose lookup or release fails otherwise is logged and
         kept for the next reconcile. Raises if boxvold cannot list its exports. Blocks.
@@ -787,6 +792,12 @@ class LibvirtDriver:
             consumer = export.get("consumer")
             if isinstance(consumer, dict) and isinstance(consumer.get("vm"), str):
                 names[consumer["vm"]] = None
+        # Anonymous volumes can outlive their exports (a release cut short, an attach that
+        # failed half-way, a volume kept while in use elsewhere): their domains count too.
+        for volume in self.client.list_volumes([("kind", "anonymous")]):
+            consumer = volume.get("consumer")
+            if isinstance(consumer, str) and consumer.startswith(VM_CONSUMER_PREFIX):
+                names[consumer[len(VM_CONSUMER_PREFIX) :]] = None
         events = []
         for name in names:
             try:
@@ -812,7 +823,7 @@ class LibvirtDriver:
                     pass
         volumes, kept = [], []
         for volume in self.client.list_volumes([("kind", "anonymous")]):
-            if volume.get("consumer") != f"vm:{domain}":
+            if volume.get("consumer") != f"{VM_CONSUMER_PREFIX}{domain}":
                 continue
             try:
                 self.client.remove_volume(volume["id"])
@@ -882,8 +893,8 @@ class LibvirtDriver:
         on_event: Callable[[LifecycleEvent], object] | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Follow libvirt's domain lifecycle events until cancelled, reconciling at start
-        and after every reconnection; see ``vmdriver.libvirt_watch.watch``."""
+        """Follow libvirt's domain lifecycle events until cancelled, reconciling at start,
+        after every reconnection and every minute; see ``vmdriver.libvirt_watch.watch``."""
         from vmdriver.libvirt_watch import watch
 
         await watch(self, on_event=on_event, task_status=task_status)

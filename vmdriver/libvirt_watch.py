@@ -9,7 +9,9 @@
    thread, one at a time, and reported through ``on_event``;
 4. when libvirt closes the connection (libvirtd restarted or died, keepalive timed out), the
    connection is dropped and reopened with capped exponential backoff, each attempt logged,
-   until libvirtd answers; then 1 and 2 again, so events missed meanwhile cannot leak volumes.
+   until libvirtd answers; then 1 and 2 again, so events missed meanwhile are caught up;
+5. every ``reconcile_every`` seconds, 2 again: a release that failed (boxvold restarting
+   when the domain went) is retried, so a volume is not left behind for good.
 
 Subscribing comes before reconciling: a domain undefined during the reconcile is seen either
 by it or as an event (at worst both; a second release finds nothing left).
@@ -42,6 +44,9 @@ log = logging.getLogger(__name__)
 FIRST_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 30.0
 
+#: Seconds between two periodic reconciles (a lookup per domain boxvold exports to).
+RECONCILE_EVERY = 60.0
+
 #: ``VIR_CONNECT_CLOSE_REASON_*`` values (stable in libvirt's ABI), for the log.
 _CLOSE_REASONS = {0: "error", 1: "end of file", 2: "keepalive timeout", 3: "closed by client"}
 
@@ -52,6 +57,11 @@ class _Lost:
 
     generation: int
     reason: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Tick:
+    """Time for the periodic reconcile."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -70,6 +80,7 @@ async def watch(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     first_retry_delay: float = FIRST_RETRY_DELAY,
     max_retry_delay: float = MAX_RETRY_DELAY,
+    reconcile_every: float = RECONCILE_EVERY,
 ) -> None:
     """Follow ``driver``'s libvirt connection until cancelled (see the module docstring).
 
@@ -78,10 +89,10 @@ async def watch(
     reachable at start is an error for whoever starts the watcher). Later failures are logged
     and retried: a lost connection by reconnecting, a failed event reaction by going on.
     """
-    send, receive = trio.open_memory_channel[_Seen | _Lost](math.inf)
+    send, receive = trio.open_memory_channel[_Seen | _Lost | _Tick](math.inf)
     token = trio.lowlevel.current_trio_token()
 
-    def hand_over(item: _Seen | _Lost) -> None:
+    def hand_over(item: _Seen | _Lost | _Tick) -> None:
         try:
             token.run_sync_soon(send.send_nowait, item)
         except trio.RunFinishedError:
@@ -100,8 +111,23 @@ async def watch(
     try:
         await _reconcile(driver, on_event, strict=True)
         task_status.started()
-        async with receive:
+        tick_waiting = False
+
+        async def ticker() -> None:
+            nonlocal tick_waiting
+            while True:
+                await trio.sleep(reconcile_every)
+                if not tick_waiting:  # one is enough however long a reconnection takes
+                    tick_waiting = True
+                    send.send_nowait(_Tick())
+
+        async with trio.open_nursery() as nursery, receive:
+            nursery.start_soon(ticker)
             async for item in receive:
+                if isinstance(item, _Tick):
+                    tick_waiting = False
+                    await _reconcile(driver, on_event, strict=False)
+                    continue
                 if isinstance(item, _Seen):
                     await _react(driver, item, on_event)
                     continue
@@ -183,7 +209,7 @@ async def _reconcile(
     except BoxvolError as exc:
         if strict:
             raise
-        log.error("reconcile after reconnecting to %s failed: %s", driver.uri, exc.message)
+        log.error("reconcile on %s failed (retried later): %s", driver.uri, exc.message)
         return
     for event in events:
         _report(event, on_event)

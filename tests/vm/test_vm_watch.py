@@ -111,6 +111,37 @@ async def test_startup_reconcile_releases_only_domains_that_are_gone(
     assert driver.reconcile() == []
 
 
+async def test_periodic_reconcile_releases_what_a_cut_short_release_left(
+    driver: LibvirtDriver, domains: Domains, client: Client
+) -> None:
+    # An anonymous volume whose domain is gone and whose export is already deleted: what a
+    # release cut short by a boxvold restart leaves. No event and no reconnection will come;
+    # the periodic reconcile finds it through the volume's consumer.
+    live = domains.define(script="true\n")
+    kept = client.create_volume(consumer=f"vm:{live.name}")["id"]
+    ghost = f"boxvol-test-gone-{os.getpid()}"
+    seen: list[LifecycleEvent] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            functools.partial(watch, driver, on_event=seen.append, reconcile_every=0.2)
+        )
+        assert seen == []  # nothing was gone at start
+        orphan = (
+            await trio.to_thread.run_sync(
+                functools.partial(client.create_volume, consumer=f"vm:{ghost}")
+            )
+        )["id"]
+        with trio.fail_after(30):
+            while await trio.to_thread.run_sync(volume_exists, client, orphan):
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    [event] = seen
+    assert (event.domain, event.kind) == (ghost, "gone")
+    assert event.released is not None and event.released.volumes == (orphan,)
+    assert volume_exists(client, kept)
+    client.remove_volume(kept)
+
+
 def test_cli_watch_reports_what_the_startup_reconcile_released(
     driver: LibvirtDriver, domains: Domains, boxvold: Daemon, client: Client
 ) -> None:
