@@ -64,7 +64,7 @@ def test_a_domain_held_by_another_command_is_refused_unchanged(
         before = guest.dom.XMLDesc(INACTIVE)
         with domain_lock(str(tmp_path), guest.dom.UUIDString(), guest.name):
             with (
-                pytest.raises(DomainBusy, match=f"changing domain {guest.name}"),
+                pytest.raises(DomainBusy, match=f"domain {guest.name} is being changed by pid "),
                 domain_lock(str(tmp_path), guest.dom.UUIDString(), guest.name, wait=0.2),
             ):
                 pass
