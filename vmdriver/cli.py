@@ -246,7 +246,7 @@ def _watch(uri: str, out: TextIO) -> int:
     with _driver(uri) as driver:
         try:
             trio.run(lambda: driver.watch_lifecycle(on_event=report))
-        except KeyboardInterrupt:
+        except* KeyboardInterrupt:  # Ctrl-C may arrive inside a nursery: then it is grouped
             pass
     return EXIT_OK
 
