@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -24,8 +25,11 @@ def test_sigterm_exits_cleanly_and_removes_the_socket(home: Path, runtime_dir: P
 def test_second_daemon_on_one_home_is_refused(daemon: Daemon, tmp_path: Path) -> None:
     other_runtime = Path(str(daemon.runtime_dir) + "-b")
     second = Daemon(daemon.home, other_runtime)
-    with pytest.raises(AssertionError, match="already serves the home"):
-        second.start()
+    try:
+        with pytest.raises(AssertionError, match="already serves the home"):
+            second.start()
+    finally:
+        shutil.rmtree(other_runtime, ignore_errors=True)
     assert second.process is not None
     assert second.process.returncode == 1
     assert daemon.client().health()["status"] == "ok"

@@ -476,6 +476,7 @@ def test_a_slow_client_does_not_stall_others(daemon: Daemon, export: Export) -> 
             assert not writer.is_alive()
         finally:
             assert frozen.stop() == 0
+            shutil.rmtree(frozen.runtime_dir, ignore_errors=True)
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
         shutil.rmtree(image_dir)
