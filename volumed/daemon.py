@@ -32,6 +32,7 @@ from volumed.export_manager import ExportManager
 from volumed.fs.mount import serve_fuse
 from volumed.fs.operations import BoxvolFS
 from volumed.store import VolumeStore
+from volumed.unix_sockets import bind_private, check_socket_path
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,7 @@ def hold_home_lock(home: str) -> Iterator[None]:
 
 def bind_api_socket(path: str, group: str | None) -> socket.socket:
     """Bind the API socket at ``path`` (0660, group ``group``), replacing a stale one."""
-    if len(path.encode()) > 107:
-        raise errors.InvalidArgument(
-            f"the socket path {path} is longer than the 107 bytes a unix socket allows; "
-            "give a shorter --runtime-dir"
-        )
+    check_socket_path(path, "API socket")
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise errors.AlreadyServing(
@@ -100,13 +97,7 @@ def bind_api_socket(path: str, group: str | None) -> socket.socket:
             )
         finally:
             probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, SOCKET_MODE)
+    sock = bind_private(path, SOCKET_MODE)
     if group is not None:
         try:
             gid = grp.getgrnam(group).gr_gid

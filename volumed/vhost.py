@@ -30,12 +30,11 @@ import time
 
 import trio
 
-from volumed.errors import InvalidArgument
+from volumed.unix_sockets import bind_private, check_socket_path
 from volumed.virtiofsd import Virtiofsd
 
 log = logging.getLogger(__name__)
 
-MAX_SOCKET_PATH = 107
 #: A virtiofsd that exits sooner than this after starting counts as crashing at once.
 QUICK_EXIT = 1.0
 MAX_BACKOFF = 5.0
@@ -44,22 +43,12 @@ STOP_GRACE = 5.0
 
 def bind_vhost_socket(path: str, gid: int | None) -> socket.socket:
     """A listening vhost-user socket at ``path``, 0660 and owned by group ``gid``."""
-    if len(path.encode()) > MAX_SOCKET_PATH:
-        raise InvalidArgument(
-            f"the vhost-user socket path {path} is longer than {MAX_SOCKET_PATH} bytes; "
-            "give boxvold a shorter --runtime-dir"
-        )
+    check_socket_path(path, "vhost-user socket")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old_umask)
+    sock = bind_private(path, 0o660)
     if gid is not None:
         os.chown(path, -1, gid)
-    os.chmod(path, 0o660)
     sock.listen(1)
     return sock
 
