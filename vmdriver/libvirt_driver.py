@@ -331,17 +331,19 @@ class LibvirtDriver:
         """The domain, read while this process holds its change lock (``vmdriver.locks``):
         what another ``boxvol vm`` command wrote before is seen, and nothing it writes
         meanwhile is lost."""
-        dom = self._domain(name).dom
+        dom = self._lookup(name)
         with _libvirt(f"cannot read the UUID of domain {name}"):
             uuid = dom.UUIDString()
         with domain_lock(self.lock_dir, uuid, name, wait=self.lock_wait):
             yield _State(dom, name)
 
-    def _domain(self, name: str) -> _State:
+    def _lookup(self, name: str) -> Any:
         conn = self.conn
         with _libvirt(f"no domain {name!r} on {self.uri}"):
-            dom = conn.lookupByName(name)
-        return _State(dom, name)
+            return conn.lookupByName(name)
+
+    def _domain(self, name: str) -> _State:
+        return _State(self._lookup(name), name)
 
     def _check_version(self) -> None:
         with _libvirt("cannot read libvirt's version"):
@@ -769,11 +771,9 @@ class LibvirtDriver:
         running). Only libvirt's VIR_ERR_NO_DOMAIN means it does not: any other libvirt error
         (a lost connection, a refused call) is raised, so nothing is released on a guess."""
         try:
-            self.conn.lookupByName(domain)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() in _NO_DOMAIN:
-                return False
-            raise translate(exc, f"cannot look up {domain}") from None
+            self._lookup(domain)
+        except DomainNotFound:
+            return False
         return True
 
     def reconcile(self) -> list[LifecycleEvent]:
