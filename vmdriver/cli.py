@@ -223,6 +223,7 @@ def _watch(uri: str, out: TextIO) -> int:
     """Run the lifecycle watcher until interrupted; what it releases goes to ``out``, what
     it does about the connection (reconnection attempts) to the log on stderr."""
     import logging
+    import signal
 
     import trio
 
@@ -243,11 +244,33 @@ def _watch(uri: str, out: TextIO) -> int:
                 out.write(f"{event.domain}: kept {volume_id}: {why}\n")
             out.flush()
 
+    async def watch_until_stopped(driver: LibvirtDriver) -> None:
+        # SIGTERM (systemd's stop) and SIGINT (Ctrl-C) end it cleanly, with status 0. Both
+        # are handled here, not left to Python's defaults: a SIGINT that lands inside a
+        # nursery would come out grouped, and a command started in the background inherits
+        # SIGINT ignored.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lambda task_status: watching(driver, task_status))
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    async def watching(driver: LibvirtDriver, task_status: trio.TaskStatus[None]) -> None:
+        await driver.watch_lifecycle(on_event=report, task_status=task_status)
+
     with _driver(uri) as driver:
         try:
-            trio.run(lambda: driver.watch_lifecycle(on_event=report))
-        except* KeyboardInterrupt:  # Ctrl-C may arrive inside a nursery: then it is grouped
-            pass
+            trio.run(watch_until_stopped, driver)
+        except BaseExceptionGroup as group:
+            # A failure at start (libvirtd or boxvold unreachable) comes out of the nursery
+            # as a group of one: report it like any other error.
+            sole: BaseException = group
+            while isinstance(sole, BaseExceptionGroup) and len(sole.exceptions) == 1:
+                sole = sole.exceptions[0]
+            if isinstance(sole, errors.BoxvolError):
+                raise sole from None
+            raise
     return EXIT_OK
 
 

@@ -163,7 +163,7 @@ def test_cli_watch_reports_what_the_startup_reconcile_released(
         assert ready, "boxvol vm watch printed nothing within 60 s"
         line = watcher.stdout.readline()
     finally:
-        watcher.send_signal(signal.SIGINT)
+        watcher.send_signal(signal.SIGTERM)  # what systemd's stop sends
         try:
             _, stderr = watcher.communicate(timeout=30)
         except subprocess.TimeoutExpired:
@@ -328,3 +328,19 @@ async def test_watch_fails_at_start_when_libvirt_is_unreachable(client: Client) 
     nowhere = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
     with LibvirtDriver(client, nowhere) as driver, pytest.raises(HypervisorUnavailable):
         await watch(driver)
+
+
+def test_cli_watch_without_libvirt_is_an_error_not_a_traceback(boxvold: Daemon) -> None:
+    env = {**os.environ, "BOXVOL_SOCKET": str(boxvold.socket)}
+    nowhere = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+    done = subprocess.run(
+        [str(VENV_BIN / "boxvol"), "vm", "watch", "--connect", nowhere],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "boxvol: error: cannot connect to libvirt" in done.stderr
+    assert "Traceback" not in done.stderr
