@@ -184,42 +184,35 @@ def test_direct_virtiofsd_survives_a_restart_and_is_readopted(
         assert daemon.stop() == 0
 
 
-def test_an_idle_virtiofsd_on_a_lost_fuse_view_is_replaced_after_a_crash(
-    home: Path, runtime_dir: Path
-) -> None:
+def test_an_idle_virtiofsd_on_a_lost_fuse_view_is_replaced_after_a_crash(daemon: Daemon) -> None:
     # No guest is connected: the virtiofsd the crashed boxvold left on its (now dead) FUSE
     # view would hand the next boot a dead share, so the restarted boxvold replaces it. (A
     # connected one is kept: tests/vm/test_daemon_restart.py.)
-    daemon = Daemon(home, runtime_dir)
+    client = daemon.client()
+    client.create_volume("data")
+    export = client.create_export(
+        "data", kind="virtiofs", via="fuse", consumer={"vm": "vm1", "tag": "f"}
+    )
+    old = export["virtiofsd"]["pid"]
+    # Once set up (it has entered the FUSE view) it waits for a VMM; a virtiofsd killed
+    # with boxvold before that point just exits.
+    virtiofsd_log = Path(export["socket"]).with_suffix(".log")
+    wait_for(
+        lambda: "Waiting for vhost-user socket connection" in virtiofsd_log.read_text(),
+        "virtiofsd never became ready",
+    )
+    assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert old in virtiofsd_pids()
+    offset = daemon.log.stat().st_size
     daemon.start()
-    try:
-        client = daemon.client()
-        client.create_volume("data")
-        export = client.create_export(
-            "data", kind="virtiofs", via="fuse", consumer={"vm": "vm1", "tag": "f"}
-        )
-        old = export["virtiofsd"]["pid"]
-        # Once set up (it has entered the FUSE view) it waits for a VMM; a virtiofsd killed
-        # with boxvold before that point just exits.
-        virtiofsd_log = Path(export["socket"]).with_suffix(".log")
-        wait_for(
-            lambda: "Waiting for vhost-user socket connection" in virtiofsd_log.read_text(),
-            "virtiofsd never became ready",
-        )
-        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
-        assert old in virtiofsd_pids()
-        offset = daemon.log.stat().st_size
-        daemon.start()
-        wait_for(lambda: old not in virtiofsd_pids(), "the idle virtiofsd was not stopped")
-        status = client.get_export(export["id"])["virtiofsd"]
-        assert status["pid"] in virtiofsd_pids() and status["pid"] != old
-        assert status["source_lost"] is False
-        logged = daemon.log.read_text()[offset:]
-        assert f"export={export['id']} pid={old} serves a FUSE view that died" in logged
-        client.remove_export(export["id"])
-        assert status["pid"] not in virtiofsd_pids()
-    finally:
-        assert daemon.stop() == 0
+    wait_for(lambda: old not in virtiofsd_pids(), "the idle virtiofsd was not stopped")
+    status = client.get_export(export["id"])["virtiofsd"]
+    assert status["pid"] in virtiofsd_pids() and status["pid"] != old
+    assert status["source_lost"] is False
+    logged = daemon.log.read_text()[offset:]
+    assert f"export={export['id']} pid={old} serves a FUSE view that died" in logged
+    client.remove_export(export["id"])
+    assert status["pid"] not in virtiofsd_pids()
 
 
 def test_cli_lists_virtiofs_exports(daemon: Daemon) -> None:
