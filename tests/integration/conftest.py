@@ -52,7 +52,7 @@ class Daemon:
         """Start boxvold and wait until this very process says it is serving."""
         self.home.parent.mkdir(parents=True, exist_ok=True)
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        offset = self.log.stat().st_size if self.log.exists() else 0
+        offset = self.log_offset()
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [
@@ -68,10 +68,8 @@ class Daemon:
             )
         deadline = time.monotonic() + 30
         while True:
-            with self.log.open("rb") as log:
-                log.seek(offset)
-                if b"boxvold serving" in log.read():
-                    break
+            if "boxvold serving" in self.log_since(offset):
+                break
             if self.process.poll() is not None:
                 raise AssertionError(f"boxvold exited early:\n{self.log.read_text()}")
             if time.monotonic() > deadline:
@@ -80,6 +78,16 @@ class Daemon:
                 raise AssertionError(f"boxvold did not start in 30 s:\n{self.log.read_text()}")
             time.sleep(0.02)
         Client(str(self.socket), timeout=5).health()
+
+    def log_offset(self) -> int:
+        """Where the log ends now (for ``log_since``)."""
+        return self.log.stat().st_size if self.log.exists() else 0
+
+    def log_since(self, offset: int) -> str:
+        """What the log gained after ``offset`` (from ``log_offset``)."""
+        with self.log.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Stop boxvold with ``sig`` and return its exit status."""

@@ -203,13 +203,13 @@ def test_an_idle_virtiofsd_on_a_lost_fuse_view_is_replaced_after_a_crash(daemon:
     )
     assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
     assert old in virtiofsd_pids()
-    offset = daemon.log.stat().st_size
+    offset = daemon.log_offset()
     daemon.start()
     wait_for(lambda: old not in virtiofsd_pids(), "the idle virtiofsd was not stopped")
     status = client.get_export(export["id"])["virtiofsd"]
     assert status["pid"] in virtiofsd_pids() and status["pid"] != old
     assert status["source_lost"] is False
-    logged = daemon.log.read_text()[offset:]
+    logged = daemon.log_since(offset)
     assert f"export={export['id']} pid={old} serves a FUSE view that died" in logged
     client.remove_export(export["id"])
     assert status["pid"] not in virtiofsd_pids()

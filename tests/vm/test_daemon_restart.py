@@ -63,16 +63,10 @@ def fuse_mounts(runtime_dir: Path) -> list[str]:
         ]
 
 
-def log_since(daemon: Daemon, offset: int) -> str:
-    with daemon.log.open("rb") as log:
-        log.seek(offset)
-        return log.read().decode(errors="replace")
-
-
 def crash_and_restart(boxvold: Daemon) -> int:
     """SIGKILL boxvold, start it again; the log offset where the new process begins."""
     assert boxvold.stop(signal.SIGKILL) == -signal.SIGKILL
-    offset = boxvold.log.stat().st_size
+    offset = boxvold.log_offset()
     boxvold.start()
     return offset
 
@@ -99,7 +93,7 @@ def test_direct_share_survives_a_boxvold_crash(
     assert alive(serving), "the direct virtiofsd died with boxvold"
     info = virtiofsd_of(client, export_id)
     assert info["pid"] == serving and not info["source_lost"], info
-    assert f"virtiofsd re-adopted export={export_id} pid={serving}" in log_since(boxvold, offset)
+    assert f"virtiofsd re-adopted export={export_id} pid={serving}" in boxvold.log_since(offset)
     assert len(fuse_mounts(boxvold.runtime_dir)) == 1, "the stale FUSE mount was not detached"
 
     # The guest goes on writing through the virtiofsd that outlived the crash.
@@ -137,7 +131,7 @@ def test_via_fuse_share_reports_its_lost_source_and_serves_the_next_boot(
     offset = crash_and_restart(boxvold)
     info = virtiofsd_of(client, export_id)
     assert info["pid"] == serving and info["source_lost"] is True, info
-    logged = log_since(boxvold, offset)
+    logged = boxvold.log_since(offset)
     assert f"export={export_id} pid={serving} source_lost=true" in logged, logged
     assert len(fuse_mounts(boxvold.runtime_dir)) == 1, "the stale FUSE mount was not detached"
 

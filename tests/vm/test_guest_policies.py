@@ -356,7 +356,7 @@ def test_killed_virtiofsd_is_reported_and_rearmed(
     old_pid = export["virtiofsd"]["pid"]
     assert export["virtiofsd"]["restarts"] == 0 and virtiofsd_running(export)
     sandboxed = children(old_pid)  # QEMU 7.2's virtiofsd serves from a child in namespaces
-    log_offset = boxvold.log.stat().st_size
+    log_offset = boxvold.log_offset()
     os.kill(old_pid, signal.SIGKILL)
 
     def rearmed() -> dict[str, Any] | None:
@@ -374,9 +374,7 @@ def test_killed_virtiofsd_is_reported_and_rearmed(
         f"killed {old_pid} (children {sandboxed}); "
         f"re-armed {info['pid']}, last_exit={info['last_exit']}"
     )
-    with boxvold.log.open("rb") as log:
-        log.seek(log_offset)
-        logged = log.read().decode(errors="replace")
+    logged = boxvold.log_since(log_offset)
     assert "virtiofsd crashed" in logged and export_id in logged, logged
     wait_for("the killed virtiofsd's children to go", lambda: not any(alive(p) for p in sandboxed))
     assert not alive(old_pid)
