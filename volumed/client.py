@@ -115,7 +115,7 @@ class Client:
         sock.settimeout(self.timeout)
         try:
             try:
-                sock.connect(self.socket_path)
+                self._connect(sock)
             except (FileNotFoundError, ConnectionRefusedError):
                 raise DaemonUnavailable(
                     f"boxvold is not running (nothing answers on {self.socket_path}); start it "
@@ -151,6 +151,23 @@ class Client:
             ) from None
         finally:
             sock.close()
+
+    def _connect(self, sock: _socket.socket) -> None:
+        """Connect, waiting while boxvold's backlog is full: a unix socket with a timeout
+        fails with EAGAIN then instead of waiting as a TCP connect would."""
+        import time
+
+        deadline = time.monotonic() + self.timeout
+        pause = 0.001
+        while True:
+            try:
+                sock.connect(self.socket_path)
+                return
+            except BlockingIOError:
+                if time.monotonic() + pause > deadline:
+                    raise TimeoutError from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
 
     # -- volumes --------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import fcntl
 import grp
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -20,10 +21,6 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
 
 from volumed import __version__, errors, locations
 from volumed.api import Service, create_app
@@ -31,6 +28,7 @@ from volumed.daemon_options import add_daemon_options, default_vhost_group, reso
 from volumed.export_manager import ExportManager
 from volumed.fs.mount import serve_fuse
 from volumed.fs.operations import BoxvolFS
+from volumed.http_server import HttpServer, ServerLimits
 from volumed.store import VolumeStore
 from volumed.unix_sockets import bind_private, check_socket_path
 
@@ -50,6 +48,8 @@ class DaemonConfig:
     socket_group: str | None = None
     #: Group QEMU runs with: it owns the vhost-user sockets of virtio-fs exports.
     vhost_group: str | None = None
+    #: Bounds of the API server (connections, deadlines, body size).
+    limits: ServerLimits = dataclasses.field(default_factory=ServerLimits)
 
     @property
     def socket_path(self) -> str:
@@ -157,21 +157,11 @@ async def serve_boxvold(
         stack.callback(_unlink_quietly, config.socket_path)
         stack.callback(listener.close)
 
-        hconfig = HypercornConfig()
-        hconfig.accesslog = None
-        hconfig.errorlog = logging.getLogger("hypercorn.error")
-        hconfig.keep_alive_timeout = 30
-        hconfig.graceful_timeout = 5
-        app = wrap_app(create_app(service), hconfig.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
-        sockets = Sockets(secure_sockets=[], insecure_sockets=[listener], quic_sockets=[])
+        server = HttpServer(create_app(service), fit_limits(config.limits))
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_fuse, fs, mount_root)
             await nursery.start(service.exports.serve)
-            await nursery.start(
-                lambda task_status: worker_serve(
-                    app, hconfig, sockets=sockets, task_status=task_status
-                )
-            )
+            await nursery.start(server.serve, listener)
             log.info(
                 "boxvold serving version=%s socket=%s home=%s volumes=%d reconciled=%d",
                 __version__,
@@ -183,6 +173,39 @@ async def serve_boxvold(
             notify_systemd("READY=1")
             task_status.started(config.socket_path)
             await trio.sleep_forever()
+
+
+#: File descriptors kept for everything but API connections: the registry, volume roots,
+#: FUSE inodes and open files, vhost-user sockets, pipes to virtiofsd.
+RESERVED_FDS = 4096
+
+
+def fit_limits(limits: ServerLimits) -> ServerLimits:
+    """``limits`` with the connection bound fitted to the fds this process may open.
+
+    Raises the soft RLIMIT_NOFILE to the hard one first (systemd's default soft limit is
+    1024, its hard limit far higher; LimitNOFILE= in the unit sets both). A bound that still
+    does not fit is lowered, with a warning, so connections never take the fds FUSE needs.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+    room = max(soft - RESERVED_FDS, soft // 2)
+    if limits.max_connections <= room:
+        return limits
+    log.warning(
+        "api connections bounded to %d (not %d): the open-file limit is %d; raise "
+        "LimitNOFILE= to serve more",
+        room,
+        limits.max_connections,
+        soft,
+    )
+    return dataclasses.replace(limits, max_connections=room)
 
 
 def _group_id(name: str | None) -> int | None:

@@ -3,11 +3,12 @@
 Lower layers raise these; each edge maps them once: the HTTP API through ``HTTP_STATUS``,
 the CLI (``boxvol`` and ``boxvol vm``) through ``report_to_terminal``, FUSE to an errno.
 Every message is meant for a human: it names what was wrong and what to do instead. Imports
-only ``sys``, so the CLI can use it without slowing its start.
+only ``json`` and ``sys`` (the CLI loads both anyway), so it costs the CLI's start nothing.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 
@@ -31,6 +32,24 @@ class HostPathRefused(InvalidArgument):
     """Something tried to hand boxvol a host path; volumes are referenced by name or id."""
 
     code = "host_path_refused"
+
+
+class MalformedRequest(InvalidArgument):
+    """The request is not well-formed HTTP/1.1 (the server answers it before the API sees it)."""
+
+    code = "bad_request"
+
+
+class PayloadTooLarge(InvalidArgument):
+    """The request body is larger than any request takes."""
+
+    code = "payload_too_large"
+
+
+class RequestTimeout(InvalidArgument):
+    """The client did not send its whole request in time."""
+
+    code = "request_timeout"
 
 
 class NotFound(BoxvolError):
@@ -81,6 +100,12 @@ class AlreadyServing(BoxvolError):
     code = "already_serving"
 
 
+class Busy(BoxvolError):
+    """boxvold is at its bound of concurrent requests; retrying later works."""
+
+    code = "busy"
+
+
 class DaemonUnavailable(BoxvolError):
     """The client could not reach boxvold."""
 
@@ -100,6 +125,9 @@ BY_CODE: dict[str, type[BoxvolError]] = {
         BoxvolError,
         InvalidArgument,
         HostPathRefused,
+        MalformedRequest,
+        PayloadTooLarge,
+        RequestTimeout,
         NotFound,
         Conflict,
         AlreadyExists,
@@ -108,6 +136,7 @@ BY_CODE: dict[str, type[BoxvolError]] = {
         OutsideManagedRoots,
         StorageError,
         AlreadyServing,
+        Busy,
         DaemonUnavailable,
         ProtocolError,
     )
@@ -115,11 +144,15 @@ BY_CODE: dict[str, type[BoxvolError]] = {
 
 #: The HTTP status each error class is answered with (most specific class first wins).
 HTTP_STATUS: tuple[tuple[type[BoxvolError], int], ...] = (
+    (MalformedRequest, 400),
+    (PayloadTooLarge, 413),
+    (RequestTimeout, 408),
     (InvalidArgument, 422),
     (NotFound, 404),
     (Conflict, 409),
     (OutsideManagedRoots, 500),
     (StorageError, 500),
+    (Busy, 503),
     (BoxvolError, 500),
 )
 
@@ -132,6 +165,16 @@ def http_status(error: BoxvolError) -> int:
     return 500
 
 
+def error_body(error: BoxvolError) -> dict[str, dict[str, str]]:
+    """The one JSON shape of every error answer: ``{"error": {"code", "message"}}``."""
+    return {"error": {"code": error.code, "message": error.message}}
+
+
+def error_json(error: BoxvolError) -> str:
+    """``error_body`` encoded as the API sends it."""
+    return json.dumps(error_body(error), separators=(",", ":"))
+
+
 #: Exit statuses of the ``boxvol`` command (``boxvol vm`` included).
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -141,7 +184,10 @@ EXIT_USAGE = 2
 def report_to_terminal(error: BoxvolError) -> int:
     """Print ``error`` for a person at a terminal; the exit status it gets (an argument
     refused as written is a usage error, 2; anything else a failed operation, 1)."""
-    sys.stderr.write(f"boxvol: error: {error.message}\n")
+    from volumed.text import printable  # not at the top: volumed.text imports this module
+
+    # A message can quote what a request held (a name, a label): never raw to a terminal.
+    sys.stderr.write(f"boxvol: error: {printable(error.message)}\n")
     return EXIT_USAGE if isinstance(error, InvalidArgument) else EXIT_FAILED
 
 

@@ -10,15 +10,32 @@ import dataclasses
 from typing import Any, Literal
 
 from volumed.errors import InvalidArgument
+from volumed.names import CONSUMER
+from volumed.text import SAFE_TEXT_RULE, UNSAFE_CHARS, TextRule
 
 ExportKind = Literal["fuse", "virtiofs"]
 EXPORT_KINDS: tuple[ExportKind, ...] = ("fuse", "virtiofs")
 Via = Literal["direct", "fuse"]
 MAX_TAG_BYTES = 36
-TAG_RULE = f"a virtio-fs tag is 1 to {MAX_TAG_BYTES} bytes of letters, digits, '.', '_' and '-'"
-_TAG_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
-MAX_VM_NAME_BYTES = 255
-MAX_CONSUMER_BYTES = 256
+#: The virtio-fs tag a guest mounts (the device's config space holds 36 bytes; ASCII only).
+TAG = TextRule(
+    "tag",
+    r"^[A-Za-z0-9._-]+$",
+    MAX_TAG_BYTES,
+    rule=f"a virtio-fs tag is 1 to {MAX_TAG_BYTES} letters, digits, '.', '_' and '-'",
+)
+TAG_RULE = TAG.rule
+MAX_VM_NAME_CHARS = 255
+#: A VM (domain) name as a consumer names it: free text without '/'.
+VM_NAME = TextRule(
+    "VM name",
+    f"^[^/{UNSAFE_CHARS}]+$",
+    MAX_VM_NAME_CHARS,
+    rule=(
+        f"give the domain's name: 1 to {MAX_VM_NAME_CHARS} characters, no '/', "
+        f"{SAFE_TEXT_RULE}"
+    ),
+)
 MAX_ID = (1 << 32) - 2  # uid/gid 4294967295 is (uid_t)-1, "no change"
 
 
@@ -112,31 +129,17 @@ def check_policy(policy: ExportPolicy) -> ExportPolicy:
 
 def check_consumer(consumer: str | None) -> str | None:
     """Return a valid free-form consumer label (or None)."""
-    if consumer is not None and (
-        not consumer or len(consumer.encode()) > MAX_CONSUMER_BYTES or "\n" in consumer
-    ):
-        raise InvalidArgument(
-            f"invalid consumer {consumer!r}: give a one-line label of 1 to "
-            f"{MAX_CONSUMER_BYTES} bytes"
-        )
-    return consumer
+    return None if consumer is None else CONSUMER.check(consumer)
 
 
 def check_tag(tag: str) -> str:
     """Return a valid virtio-fs tag, else raise InvalidArgument stating the rule."""
-    if not tag or len(tag.encode()) > MAX_TAG_BYTES or not set(tag) <= _TAG_CHARS:
-        raise InvalidArgument(f"invalid tag {tag!r}: {TAG_RULE}")
-    return tag
+    return TAG.check(tag)
 
 
 def check_vm_name(vm: str) -> str:
     """Return a plausible VM (domain) name, else raise InvalidArgument."""
-    if not vm or len(vm.encode()) > MAX_VM_NAME_BYTES or "/" in vm or not vm.isprintable():
-        raise InvalidArgument(
-            f"invalid VM name {vm!r}: give the domain's name (printable, no '/', at most "
-            f"{MAX_VM_NAME_BYTES} bytes)"
-        )
-    return vm
+    return VM_NAME.check(vm)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -31,14 +31,21 @@ from volumed.errors import (
 from volumed.gate import volume_directory
 from volumed.locations import Layout
 from volumed.model import KINDS, ListFilter, Volume, VolumeKind
-from volumed.names import check_labels, check_name, is_id_prefix, is_valid_name, is_volume_id
+from volumed.names import (
+    CONSUMER,
+    REFERENCE,
+    check_labels,
+    check_name,
+    is_id_prefix,
+    is_valid_name,
+    is_volume_id,
+)
 from volumed.registry import Registry
 from volumed.sizes import check_inodes, check_size
 
 log = logging.getLogger(__name__)
 
 DIR_MODE = 0o700
-MAX_CONSUMER_BYTES = 256
 
 
 def utc_now() -> str:
@@ -157,11 +164,8 @@ class VolumeStore:
             check_size(size_bytes)
         if inode_limit is not None:
             check_inodes(inode_limit)
-        if consumer is not None and (not consumer or len(consumer.encode()) > MAX_CONSUMER_BYTES):
-            raise InvalidArgument(
-                f"invalid consumer {consumer!r}: give a non-empty label of at most "
-                f"{MAX_CONSUMER_BYTES} bytes"
-            )
+        if consumer is not None:
+            CONSUMER.check(consumer)
         volume = Volume(
             id=str(ULID()),
             kind="named" if name is not None else "anonymous",
@@ -220,6 +224,7 @@ class VolumeStore:
                 f"{ref!r} looks like a path: volumes are referenced by name or id, never by "
                 "path; list them with 'boxvol ls'"
             )
+        REFERENCE.check(ref)
         volume = self.registry.by_name(ref)
         if volume is None and is_volume_id(ref):
             volume = self.registry.by_id(ref)
