@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import trio
 from fastapi import FastAPI, Query, Request
@@ -24,18 +24,23 @@ from volumed import API_VERSION, __version__, errors
 from volumed.export_manager import ExportManager
 from volumed.exports import ExportPolicy, VirtiofsTarget
 from volumed.model import ListFilter, Volume
-from volumed.names import parse_label
+from volumed.names import MAX_LABEL_FILTERS, parse_label
 from volumed.schemas import (
     HOST_PATH_FIELDS,
     CreateExport,
     CreateVolume,
     DiskUsage,
     ErrorAnswer,
+    ExportIdText,
     ExportList,
     ExportOut,
     Health,
+    LabelFilterText,
+    NameFilterText,
     PruneAnswer,
     PruneVolumes,
+    QueryBool,
+    ReferenceText,
     RemoveAnswer,
     Version,
     VirtiofsConsumer,
@@ -43,12 +48,13 @@ from volumed.schemas import (
     VolumeOut,
 )
 from volumed.store import ReconcileAction, VolumeState, VolumeStore
+from volumed.text import printable, printable_repr
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorAnswer} for status in (404, 409, 422, 500)
+    status: {"model": ErrorAnswer} for status in (400, 404, 408, 409, 413, 422, 500, 503)
 }
 
 
@@ -119,11 +125,20 @@ def json_response(body: Any, status: int = 200) -> Response:
     )
 
 
-def error_response(error: errors.BoxvolError) -> Response:
-    """The one place a domain error becomes an HTTP answer."""
-    return json_response(
-        {"error": {"code": error.code, "message": error.message}}, errors.http_status(error)
+def error_response(request: Request, error: errors.BoxvolError) -> Response:
+    """The one place a domain error becomes an HTTP answer, and the one log line of a
+    failed request (a 5xx at ERROR, a refusal at INFO)."""
+    status = errors.http_status(error)
+    log.log(
+        logging.ERROR if status >= 500 else logging.INFO,
+        "api request failed method=%s path=%s status=%d code=%s message=%s",
+        request.method,
+        printable(request.url.path),
+        status,
+        error.code,
+        printable(error.message),
     )
+    return json_response(errors.error_body(error), status)
 
 
 def check_query(request: Request, allowed: Iterable[str]) -> None:
@@ -148,20 +163,65 @@ def _validation_error(exc: RequestValidationError) -> errors.BoxvolError:
         if detail.get("type") == "host_path_refused":
             return errors.HostPathRefused(str(detail["msg"]))
     first = details[0] if details else {"loc": (), "msg": "malformed request"}
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    field = ".".join(location)
-    if first.get("type") == "extra_forbidden":
+    field = _field_name(first.get("loc", ()))
+    kind = first.get("type")
+    if kind == "extra_forbidden":
         return errors.InvalidArgument(
             f"unknown field {field!r}; see docs/openapi.json for the fields this request takes"
         )
-    if first.get("type") == "json_invalid":
+    if kind == "json_invalid":
         return errors.InvalidArgument("the request body is not valid JSON")
-    if first.get("type") in ("model_attributes_type", "dict_type"):
+    if kind in ("model_attributes_type", "dict_type") and not field:
         return errors.InvalidArgument(
             "the request body must be a JSON object sent with Content-Type: application/json"
         )
-    where = f"field {field!r}: " if field else ""
-    return errors.InvalidArgument(f"invalid request: {where}{first.get('msg')}")
+    if kind == "missing":
+        return errors.InvalidArgument(f"missing field {field!r}; see docs/openapi.json")
+    if not field:
+        return errors.InvalidArgument(f"invalid request: {first.get('msg')}")
+    shown = printable_repr(first.get("input"))
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return errors.InvalidArgument(f"invalid {field} {shown}: {first.get('msg')}")
+
+
+def _field_name(location: Iterable[object]) -> str:
+    """``owner.uid`` from pydantic's location of an error (``body``/``query``/``path`` and the
+    names pydantic gives union members, such as ``str`` or ``function-after[...]``, left out)."""
+    parts: list[str] = []
+    for part in location:
+        text = str(part)
+        if text in ("body", "query", "path"):
+            continue
+        if not text.isidentifier() or text in ("str", "int", "bool", "dict", "list"):
+            break
+        if text[:1].isupper() and not parts:
+            continue  # a model's name before its first field
+        parts.append(text)
+    return ".".join(parts)
+
+
+def _http_exception_error(request: Request, exc: StarletteHTTPException) -> errors.BoxvolError:
+    """The domain error an HTTP exception from routing or body parsing stands for."""
+    if exc.status_code in (404, 405):
+        message = (
+            f"no endpoint {request.method} {printable(request.url.path)}; see docs/openapi.json"
+        )
+        if exc.status_code == 405:
+            return errors.MethodNotAllowed(message)
+        return errors.NotFound(message)
+    if exc.status_code == 400:
+        # FastAPI's answer to a body json.loads refused: not UTF-8, nested too deep, an
+        # integer of thousands of digits. The API documents these as 422.
+        return errors.InvalidArgument(
+            "the request body is not valid JSON: it must be UTF-8, nest at most a few hundred "
+            "levels, and hold integers of at most 4300 digits"
+        )
+    return errors.InvalidArgument(f"the request was refused: {exc.detail}")
+
+
+def _query_bool(value: QueryBool | None) -> bool | None:
+    return None if value is None else value == "true"
 
 
 def _parse_filter(
@@ -171,8 +231,6 @@ def _parse_filter(
     in_use: bool | None,
     dangling: bool | None,
 ) -> ListFilter:
-    if kind not in (None, "named", "anonymous"):
-        raise errors.InvalidArgument(f"invalid kind {kind!r}: give 'named' or 'anonymous'")
     if in_use is not None and dangling is not None and in_use == dangling:
         raise errors.InvalidArgument("in_use and dangling contradict each other; give one")
     wanted_in_use = in_use if in_use is not None else (None if dangling is None else not dangling)
@@ -206,27 +264,27 @@ def create_app(service: Service) -> FastAPI:
     store = service.store
 
     @app.exception_handler(errors.BoxvolError)
-    async def _domain_error(_request: Request, exc: errors.BoxvolError) -> Response:
-        return error_response(exc)
+    async def _domain_error(request: Request, exc: errors.BoxvolError) -> Response:
+        return error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid_request(_request: Request, exc: RequestValidationError) -> Response:
-        return error_response(_validation_error(exc))
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(request, _validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        message = (
-            f"no endpoint {request.method} {request.url.path}; see docs/openapi.json"
-            if exc.status_code in (404, 405)
-            else str(exc.detail)
-        )
-        return json_response({"error": {"code": code, "message": message}}, exc.status_code)
+        return error_response(request, _http_exception_error(request, exc))
 
     @app.exception_handler(Exception)
-    async def _bug(_request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error in a request handler")
-        return error_response(errors.BoxvolError(f"internal error: {exc!r}; see boxvold's log"))
+    async def _bug(request: Request, exc: Exception) -> Response:
+        # The one traceback of a bug; the server does not log it again.
+        log.exception(
+            "api request failed method=%s path=%s: a bug", request.method, request.url.path
+        )
+        return json_response(
+            errors.error_body(errors.BoxvolError(f"internal error: {exc!r}; see boxvold's log")),
+            500,
+        )
 
     @app.post("/v1/volumes", status_code=201, response_model=VolumeOut)
     async def create_volume(request: Request, body: CreateVolume | None = None) -> Response:
@@ -246,31 +304,33 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/v1/volumes", response_model=VolumeList)
     async def list_volumes(
         request: Request,
-        kind: str | None = None,
-        label: list[str] = Query(default_factory=list),  # noqa: B008
-        name: str | None = None,
-        in_use: bool | None = None,
-        dangling: bool | None = None,
+        kind: Literal["named", "anonymous"] | None = None,
+        label: Annotated[list[LabelFilterText], Query(max_length=MAX_LABEL_FILTERS)] = [],  # noqa: B006
+        name: NameFilterText | None = None,
+        in_use: QueryBool | None = None,
+        dangling: QueryBool | None = None,
     ) -> Response:
         """List volumes; every given filter must hold (``label`` is KEY or KEY=VALUE)."""
         check_query(request, ("kind", "label", "name", "in_use", "dangling"))
-        where = _parse_filter(kind, label, name, in_use, dangling)
+        where = _parse_filter(kind, label, name, _query_bool(in_use), _query_bool(dangling))
         listing = await service.read(store.list_json, where)
         return Response(
             content=b'{"volumes":' + listing.encode() + b"}", media_type="application/json"
         )
 
     @app.get("/v1/volumes/{ref:path}", response_model=VolumeOut)
-    async def get_volume(request: Request, ref: str) -> Response:
+    async def get_volume(request: Request, ref: ReferenceText) -> Response:
         """One volume by name, id or unique id prefix."""
         check_query(request, ())
         return json_response(volume_json(await service.read(store.state, ref)))
 
     @app.delete("/v1/volumes/{ref:path}", response_model=RemoveAnswer)
-    async def remove_volume(request: Request, ref: str, force: bool = False) -> Response:
+    async def remove_volume(
+        request: Request, ref: ReferenceText, force: QueryBool = "false"
+    ) -> Response:
         """Remove a volume and its data; refused (409) while in use unless ``force``."""
         check_query(request, ("force",))
-        volume = await service.exports.remove_volume(ref, force=force)
+        volume = await service.exports.remove_volume(ref, force=force == "true")
         return json_response({"removed": _removed_json(volume)})
 
     @app.post("/v1/volumes/prune", response_model=PruneAnswer)
@@ -295,7 +355,7 @@ def create_app(service: Service) -> FastAPI:
         return json_response(live.to_json(), 201)
 
     @app.get("/v1/exports", response_model=ExportList)
-    async def list_exports(request: Request, volume: str | None = None) -> Response:
+    async def list_exports(request: Request, volume: ReferenceText | None = None) -> Response:
         """Live exports, of one volume (name or id) if ``volume`` is given."""
         check_query(request, ("volume",))
         volume_id = None if volume is None else (await service.read(store.resolve, volume)).id
@@ -303,13 +363,13 @@ def create_app(service: Service) -> FastAPI:
         return json_response({"exports": [live.to_json() for live in exports]})
 
     @app.get("/v1/exports/{export_id}", response_model=ExportOut)
-    async def get_export(request: Request, export_id: str) -> Response:
+    async def get_export(request: Request, export_id: ExportIdText) -> Response:
         """One live export."""
         check_query(request, ())
         return json_response(service.exports.get(export_id).to_json())
 
     @app.delete("/v1/exports/{export_id}", response_model=ExportOut)
-    async def remove_export(request: Request, export_id: str) -> Response:
+    async def remove_export(request: Request, export_id: ExportIdText) -> Response:
         """Tear an export down: its directory vanishes, open files on it get errors."""
         check_query(request, ())
         return json_response((await service.exports.remove(export_id)).to_json())

@@ -162,12 +162,13 @@ class Client:
         while True:
             try:
                 sock.connect(self.socket_path)
-                return
             except BlockingIOError:
                 if time.monotonic() + pause > deadline:
                     raise TimeoutError from None
                 time.sleep(pause)
                 pause = min(pause * 2, 0.05)
+            else:
+                return
 
     # -- volumes --------------------------------------------------------------------------
 

@@ -58,6 +58,12 @@ class NotFound(BoxvolError):
     code = "not_found"
 
 
+class MethodNotAllowed(NotFound):
+    """The endpoint exists, but not with this method."""
+
+    code = "method_not_allowed"
+
+
 class Conflict(BoxvolError):
     """The request contradicts the current state (a name taken, an ambiguous prefix)."""
 
@@ -129,6 +135,7 @@ BY_CODE: dict[str, type[BoxvolError]] = {
         PayloadTooLarge,
         RequestTimeout,
         NotFound,
+        MethodNotAllowed,
         Conflict,
         AlreadyExists,
         AmbiguousReference,
@@ -148,6 +155,7 @@ HTTP_STATUS: tuple[tuple[type[BoxvolError], int], ...] = (
     (PayloadTooLarge, 413),
     (RequestTimeout, 408),
     (InvalidArgument, 422),
+    (MethodNotAllowed, 405),
     (NotFound, 404),
     (Conflict, 409),
     (OutsideManagedRoots, 500),

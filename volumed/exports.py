@@ -25,16 +25,21 @@ TAG = TextRule(
     rule=f"a virtio-fs tag is 1 to {MAX_TAG_BYTES} letters, digits, '.', '_' and '-'",
 )
 TAG_RULE = TAG.rule
+#: An export id: a ULID, in any case.
+EXPORT_ID = TextRule(
+    "export id",
+    r"^[0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]+$",
+    26,
+    26,
+    "an export id is the 26-character id 'boxvol export ls' shows",
+)
 MAX_VM_NAME_CHARS = 255
 #: A VM (domain) name as a consumer names it: free text without '/'.
 VM_NAME = TextRule(
     "VM name",
     f"^[^/{UNSAFE_CHARS}]+$",
     MAX_VM_NAME_CHARS,
-    rule=(
-        f"give the domain's name: 1 to {MAX_VM_NAME_CHARS} characters, no '/', "
-        f"{SAFE_TEXT_RULE}"
-    ),
+    rule=(f"give the domain's name: 1 to {MAX_VM_NAME_CHARS} characters, no '/', {SAFE_TEXT_RULE}"),
 )
 MAX_ID = (1 << 32) - 2  # uid/gid 4294967295 is (uid_t)-1, "no change"
 

@@ -199,7 +199,7 @@ class HttpServer:
                 return  # either side asked to close (Connection: close, HTTP/1.0...)
             http.start_next_cycle()
 
-    async def _next_event(self, connection: _Connection) -> h11.Event | type[h11.NEED_DATA]:
+    async def _next_event(self, connection: _Connection) -> h11.Event:
         """The next h11 event, receiving more bytes when h11 needs them."""
         http = connection.http
         while True:
@@ -211,8 +211,12 @@ class HttpServer:
                         f"malformed HTTP request: {exc}; boxvold speaks HTTP/1.1 with JSON"
                     )
                 ) from None
+            if event is h11.PAUSED:
+                # Only between requests, and a new cycle starts before the next read.
+                raise RuntimeError("h11 paused in the middle of a request")
             if event is not h11.NEED_DATA:
-                return event  # type: ignore[no-any-return]
+                assert isinstance(event, h11.Event)
+                return event
             data = await connection.stream.receive_some(_RECEIVE_BYTES)
             http.receive_data(data)  # b"" tells h11 the client closed
 
@@ -242,7 +246,9 @@ class HttpServer:
             raise _Refusal(_too_large(limit))
         http = connection.http
         if http.client_is_waiting_for_100_continue:
-            await self._send(connection, http.send(h11.InformationalResponse(status_code=100)))
+            await self._send(
+                connection, http.send(h11.InformationalResponse(status_code=100, headers=[]))
+            )
         body = bytearray()
         with trio.move_on_after(self.limits.body_timeout):
             while True:

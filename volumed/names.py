@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 
-from volumed.errors import InvalidArgument
-from volumed.text import TextRule, printable_repr, safe_text_rule
+from volumed.errors import HostPathRefused, InvalidArgument
+from volumed.text import SAFE_TEXT_RULE, UNSAFE_CHARS, TextRule, printable_repr, safe_text_rule
 
 MAX_NAME_CHARS = 64
 #: A volume name as the API and the registry take it (ASCII: characters are bytes).
@@ -29,10 +29,19 @@ _ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}\Z")
 _ID_PREFIX = re.compile(r"[0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{1,26}\Z")
 #: An id prefix shorter than this is not looked up, so a short typo never picks a volume.
 MIN_ID_PREFIX = 4
-#: A reference to a volume: a name, an id or an id prefix. Only its length and characters
-#: are checked as text; a reference shaped like a path is refused by ``store.resolve`` with
-#: its own message (host_path_refused).
-REFERENCE = safe_text_rule("volume reference", MAX_NAME_CHARS)
+#: A reference to a volume: a name, an id or an id prefix; never anything shaped like a
+#: path (no '/', no leading '.' or '~'), which ``check_reference`` refuses as such.
+REFERENCE = TextRule(
+    "volume reference",
+    f"^[^./~{UNSAFE_CHARS}][^/{UNSAFE_CHARS}]*$",
+    MAX_NAME_CHARS,
+    rule=(
+        f"a volume name, id or id prefix: 1 to {MAX_NAME_CHARS} characters, no '/', not "
+        f"starting with '.' or '~', {SAFE_TEXT_RULE}"
+    ),
+)
+#: A listing's name filter: a substring of names (or of ids, for anonymous volumes).
+NAME_FILTER = safe_text_rule("name filter", MAX_NAME_CHARS)
 
 MAX_LABEL_KEY_CHARS = 128
 MAX_LABEL_VALUE_CHARS = 4096
@@ -48,6 +57,10 @@ LABEL_KEY = TextRule(
 )
 LABEL_VALUE = safe_text_rule("label value", MAX_LABEL_VALUE_CHARS, min_chars=0)
 LABEL_RULE = f"{LABEL_KEY.rule}; a value is {LABEL_VALUE.rule}"
+#: A listing's label filter: ``KEY`` or ``KEY=VALUE`` (each part then follows its rule).
+LABEL_FILTER = safe_text_rule("label filter", MAX_LABEL_KEY_CHARS + 1 + MAX_LABEL_VALUE_CHARS)
+#: Label filters one listing takes (each is one more condition for SQLite to evaluate).
+MAX_LABEL_FILTERS = 16
 #: Who an anonymous volume (or a FUSE export) belongs to: free text for people and tools.
 CONSUMER = safe_text_rule("consumer", 256)
 
@@ -60,6 +73,16 @@ def is_volume_id(text: str) -> bool:
 def is_id_prefix(text: str) -> bool:
     """True if ``text`` could be the start of a volume id and is long enough to look up."""
     return len(text) >= MIN_ID_PREFIX and _ID_PREFIX.match(text) is not None
+
+
+def check_reference(ref: str) -> str:
+    """Return ``ref`` if it can name a volume; one shaped like a path is refused as one."""
+    if isinstance(ref, str) and ("/" in ref or ref.startswith((".", "~"))):
+        raise HostPathRefused(
+            f"{printable_repr(ref)} looks like a path: volumes are referenced by name or id, "
+            "never by path; list them with 'boxvol ls'"
+        )
+    return REFERENCE.check(ref)
 
 
 def check_name(name: str) -> str:

@@ -7,10 +7,36 @@ declared here for the OpenAPI document.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import WithJsonSchema
 from pydantic_core import PydanticCustomError
+
+from volumed.exports import EXPORT_ID, MAX_ID, TAG, VM_NAME
+from volumed.names import (
+    CONSUMER,
+    LABEL_FILTER,
+    LABEL_KEY,
+    LABEL_RULE,
+    LABEL_VALUE,
+    MAX_LABELS,
+    NAME,
+    NAME_FILTER,
+    REFERENCE,
+    check_labels,
+    check_name,
+    check_reference,
+)
+from volumed.sizes import (
+    MAX_INODES,
+    MAX_SIZE_BYTES,
+    MIN_INODES,
+    MIN_SIZE_BYTES,
+    check_inodes,
+    check_size,
+)
+from volumed.text import TextRule
 
 #: Field names a client might use to smuggle a host path in: refused as a top-level field of
 #: any request body and as a query parameter name (labels are free-form data, not fields).
@@ -55,10 +81,61 @@ def refuse_host_path_fields(keys: Any) -> None:
             raise PydanticCustomError("host_path_refused", HOST_PATH_MESSAGE, {"field": key})
 
 
-class Request(BaseModel):
-    """Base of every request body: strict about unknown and host-path fields."""
+def _text(rule: TextRule) -> tuple[AfterValidator, WithJsonSchema]:
+    """Metadata of a text field: checked by ``rule``, documented as ``rule`` states."""
+    return AfterValidator(rule.check), WithJsonSchema(rule.json_schema())
 
-    model_config = ConfigDict(extra="forbid")
+
+def _check_name(name: str) -> str:
+    return check_name(name)
+
+
+# Each rule is checked by the code in volumed (messages for humans) and stated in the OpenAPI
+# document from the same TextRule, so a generated client knows it.
+NameText = Annotated[str, AfterValidator(_check_name), WithJsonSchema(NAME.json_schema())]
+ReferenceText = Annotated[
+    str, AfterValidator(check_reference), WithJsonSchema(REFERENCE.json_schema())
+]
+ConsumerText = Annotated[str, *_text(CONSUMER)]
+VmText = Annotated[str, *_text(VM_NAME)]
+TagText = Annotated[str, *_text(TAG)]
+ExportIdText = Annotated[str, *_text(EXPORT_ID)]
+Labels = Annotated[
+    dict[str, str],
+    AfterValidator(check_labels),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "maxProperties": MAX_LABELS,
+            "propertyNames": LABEL_KEY.json_schema(),
+            "additionalProperties": LABEL_VALUE.json_schema(),
+            "description": LABEL_RULE + f"; at most {MAX_LABELS} labels",
+        }
+    ),
+]
+LabelFilterText = Annotated[str, *_text(LABEL_FILTER)]
+NameFilterText = Annotated[str, *_text(NAME_FILTER)]
+#: A boolean in a query string is exactly ``true`` or ``false``.
+QueryBool = Literal["true", "false"]
+Uid = Annotated[int, Field(ge=0, le=MAX_ID)]
+SizeBytes = Annotated[
+    int,
+    AfterValidator(check_size),
+    WithJsonSchema({"type": "integer", "minimum": MIN_SIZE_BYTES, "maximum": MAX_SIZE_BYTES}),
+]
+InodeCount = Annotated[
+    int,
+    AfterValidator(check_inodes),
+    WithJsonSchema({"type": "integer", "minimum": MIN_INODES, "maximum": MAX_INODES}),
+]
+
+
+class Request(BaseModel):
+    """Base of every request body: strict about unknown and host-path fields, and about
+    types: a boolean is ``true`` or ``false``, an integer is a JSON integer (no strings, no
+    floats), a string is a string."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -71,40 +148,44 @@ class Request(BaseModel):
 class CreateVolume(Request):
     """Create a named volume (``name`` given) or an anonymous one."""
 
-    name: str | None = Field(default=None, description="Volume name; omit for an anonymous volume.")
-    labels: dict[str, str] = Field(default_factory=dict)
-    size_bytes: int | None = Field(
+    name: NameText | None = Field(
+        default=None, description="Volume name; omit for an anonymous volume."
+    )
+    labels: Labels = Field(default_factory=dict)
+    size_bytes: SizeBytes | None = Field(
         default=None, description="Hard size cap in bytes (enforced later)."
     )
-    inode_limit: int | None = Field(default=None, description="Inode cap (enforced later).")
-    consumer: str | None = Field(default=None, description="Who an anonymous volume belongs to.")
+    inode_limit: InodeCount | None = Field(default=None, description="Inode cap (enforced later).")
+    consumer: ConsumerText | None = Field(
+        default=None, description="Who an anonymous volume belongs to."
+    )
 
 
 class Owner(Request):
     """A uid/gid pair an export presents every file as."""
 
-    uid: int
-    gid: int
+    uid: Uid
+    gid: Uid
 
 
 class VirtiofsConsumer(Request):
     """The guest a virtio-fs export is for."""
 
-    vm: str = Field(description="Domain name.")
-    tag: str = Field(description="virtio-fs tag in the guest (at most 36 bytes).")
+    vm: VmText = Field(description="Domain name.")
+    tag: TagText = Field(description="virtio-fs tag in the guest.")
 
 
 class CreateExport(Request):
     """Export a volume (by name or id): a FUSE view, or a virtio-fs socket for one guest."""
 
-    volume: str = Field(description="Volume name, id or unique id prefix.")
+    volume: ReferenceText = Field(description="Volume name, id or unique id prefix.")
     kind: Literal["fuse", "virtiofs"] = "fuse"
     read_only: bool = False
     owner: Owner | None = Field(
         default=None,
         description="Present every file as this uid/gid (FUSE views: fuse, or virtiofs via fuse).",
     )
-    consumer: str | VirtiofsConsumer | None = Field(
+    consumer: ConsumerText | VirtiofsConsumer | None = Field(
         default=None,
         description="fuse: a free-form label; virtiofs: {vm, tag} (required).",
     )

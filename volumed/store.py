@@ -21,9 +21,7 @@ from ulid import ULID
 from volumed.errors import (
     AmbiguousReference,
     Conflict,
-    HostPathRefused,
     InUse,
-    InvalidArgument,
     NotFound,
     OutsideManagedRoots,
     StorageError,
@@ -33,9 +31,9 @@ from volumed.locations import Layout
 from volumed.model import KINDS, ListFilter, Volume, VolumeKind
 from volumed.names import (
     CONSUMER,
-    REFERENCE,
     check_labels,
     check_name,
+    check_reference,
     is_id_prefix,
     is_valid_name,
     is_volume_id,
@@ -217,14 +215,7 @@ class VolumeStore:
 
     def resolve(self, ref: str) -> Volume:
         """The volume a reference names: a name, an id, or a unique id prefix."""
-        if not ref:
-            raise InvalidArgument("empty volume reference: give a volume name or id")
-        if "/" in ref or ref.startswith((".", "~")):
-            raise HostPathRefused(
-                f"{ref!r} looks like a path: volumes are referenced by name or id, never by "
-                "path; list them with 'boxvol ls'"
-            )
-        REFERENCE.check(ref)
+        check_reference(ref)
         volume = self.registry.by_name(ref)
         if volume is None and is_volume_id(ref):
             volume = self.registry.by_id(ref)

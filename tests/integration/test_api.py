@@ -82,7 +82,7 @@ async def test_duplicate_name_is_409(api: httpx.AsyncClient) -> None:
     [
         ({"name": "../x"}, "invalid volume name"),
         ({"name": "a b"}, "invalid volume name"),
-        ({"name": 5}, "field 'name'"),
+        ({"name": 5}, "invalid name 5"),
         ({"labels": {"bad key": "v"}}, "label key"),
         ({"size_bytes": 10}, "at least 1M"),
         ({"bogus": 1}, "unknown field 'bogus'"),

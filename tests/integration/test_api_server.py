@@ -49,7 +49,7 @@ def connect(path: Path) -> socket.socket:
 
 HALF_SENT = (
     b"POST /v1/volumes HTTP/1.1\r\nHost: boxvold\r\nContent-Type: application/json\r\n"
-    b"Content-Length: 10\r\n\r\n{\"na"
+    b'Content-Length: 10\r\n\r\n{"na'
 )
 
 
@@ -129,7 +129,10 @@ def test_a_body_over_the_bound_is_refused_with_413(daemon: Daemon) -> None:
     status, body = exchange(
         daemon.socket,
         b"POST /v1/volumes HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(big):x}\r\n".encode() + big + b"\r\n0\r\n\r\n",
+        b"Transfer-Encoding: chunked\r\n\r\n"
+        + f"{len(big):x}\r\n".encode()
+        + big
+        + b"\r\n0\r\n\r\n",
     )
     assert status == 413
     assert daemon.client().list_volumes() == []
