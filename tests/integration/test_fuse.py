@@ -19,6 +19,7 @@ from tests.integration.fuse_helpers import (
     RENAME_NOREPLACE,
     RESOLVE_BENEATH,
     RESOLVE_NO_SYMLINKS,
+    Export,
     openat2,
     renameat2,
     run_as,
@@ -27,21 +28,6 @@ from volumed.errors import InUse, NotFound
 from volumed.fs.mount import mounted_at
 
 USER = (4242, 4242)
-
-
-class Export:
-    """A volume, its backing directory and one export of it."""
-
-    def __init__(self, daemon: Daemon, name: str, **policy: object) -> None:
-        self.daemon = daemon
-        client = daemon.client()
-        volumes = {v["name"] for v in client.list_volumes()}
-        if name not in volumes:
-            client.create_volume(name)
-        self.info = client.create_export(name, **policy)  # type: ignore[arg-type]
-        self.id: str = self.info["id"]
-        self.path = Path(self.info["mountpoint"])
-        self.backing = daemon.home / "volumes" / "named" / name
 
 
 @pytest.fixture

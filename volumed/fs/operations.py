@@ -66,7 +66,7 @@ def fuse_edge(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corout
 
 
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
-    return Caller(ctx.uid, ctx.gid)
+    return Caller(ctx.uid, ctx.gid, pid=ctx.pid)
 
 
 class _DirHandle:
@@ -411,7 +411,8 @@ class BoxvolFS(pyfuse3.Operations):
         self, node: Node, io_fd: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
         writes = bool(flags & (os.O_WRONLY | os.O_RDWR))
-        handle_id = self.table.add_handle(io_fd, node, suid_checked=ctx.uid == 0 or not writes)
+        unprivileged = writes and not _caller(ctx).privileged
+        handle_id = self.table.add_handle(io_fd, node, unprivileged_writer=unprivileged)
         return pyfuse3.FileInfo(
             fh=handle_id,
             keep_cache=node.export.export.policy.cache_policy.keep_cache,
@@ -420,7 +421,7 @@ class BoxvolFS(pyfuse3.Operations):
     @fuse_edge
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
-        io_fd = await self._on_node(node, node.export.view.open, flags)
+        io_fd = await self._on_node(node, node.export.view.open, flags, _caller(ctx))
         return self._file_info(node, io_fd, flags, ctx)
 
     @fuse_edge
@@ -454,12 +455,12 @@ class BoxvolFS(pyfuse3.Operations):
     @fuse_edge
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.table.handle(fh)
-        if not handle.suid_checked:
-            await self._on_node(handle.node, handle.export.view.kill_suid_for_write)
-            handle.suid_checked = True
         io_fd = handle.acquire()
         try:
-            return await self._run(handle.export.view.write, io_fd, off, buf)
+            write = functools.partial(
+                handle.export.view.write, unprivileged=handle.unprivileged_writer
+            )
+            return await self._run(write, io_fd, off, buf)
         finally:
             handle.release()
 
