@@ -131,6 +131,12 @@ class InodeTable:
         node.lookups += 1
         return node
 
+    def find(self, export: ExportState, st: os.stat_result) -> Node | None:
+        """The live node of the object ``st`` describes, if the kernel knows it through
+        ``export`` (nothing is counted: for answers the kernel does not count either)."""
+        node = self._by_key.get((export.export.id, st.st_dev, st.st_ino))
+        return None if node is None or node.closing else node
+
     def forget(self, inode: int, count: int) -> None:
         """The kernel dropped ``count`` lookups of ``inode``."""
         node = self._nodes.get(inode)

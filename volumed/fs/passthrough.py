@@ -387,6 +387,16 @@ class Passthrough:
         finally:
             os.close(dir_fd)
 
+    def parent_attrs(self, fd: int) -> os.stat_result:
+        """Attributes of the directory holding the directory ``fd``, for its ".." entry.
+
+        Only stat-ed, never opened or returned as an fd. For an export's root that is a
+        directory outside the volume: callers never ask for a root, and use the answer only
+        to recognise a directory they already hold (a directory moved out behind the
+        export's back leaves its ".." outside too).
+        """
+        return os.stat("..", dir_fd=fd, follow_symlinks=False)
+
     def fsyncdir(self, fd: int, datasync: bool) -> None:
         """fsync a directory."""
         dir_fd = os.open(proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

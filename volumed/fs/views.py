@@ -27,6 +27,7 @@ READ_OPERATIONS = frozenset(
         "read",
         "fsync",
         "list_directory",
+        "parent_attrs",
         "fsyncdir",
         "statfs",
         "getxattr",
