@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import stat
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,9 @@ from tests.integration.fuse_helpers import (
     RENAME_NOREPLACE,
     RESOLVE_BENEATH,
     RESOLVE_NO_SYMLINKS,
+    Export,
     openat2,
+    read_directory,
     renameat2,
     run_as,
 )
@@ -27,21 +30,7 @@ from volumed.errors import InUse, NotFound
 from volumed.fs.mount import mounted_at
 
 USER = (4242, 4242)
-
-
-class Export:
-    """A volume, its backing directory and one export of it."""
-
-    def __init__(self, daemon: Daemon, name: str, **policy: object) -> None:
-        self.daemon = daemon
-        client = daemon.client()
-        volumes = {v["name"] for v in client.list_volumes()}
-        if name not in volumes:
-            client.create_volume(name)
-        self.info = client.create_export(name, **policy)  # type: ignore[arg-type]
-        self.id: str = self.info["id"]
-        self.path = Path(self.info["mountpoint"])
-        self.backing = daemon.home / "volumes" / "named" / name
+DT_DIR = 4
 
 
 @pytest.fixture
@@ -419,6 +408,48 @@ def test_readdir_offsets_survive_changes(export: Export) -> None:
     assert len(seen) == len(set(seen))
     survivors = {f"f{i:03d}" for i in range(250)}
     assert survivors <= set(seen)
+
+
+def test_listings_show_dot_and_dotdot_as_ext4_does(daemon: Daemon, export: Export) -> None:
+    sub = export.path / "sub"
+    inner = sub / "inner"
+    inner.mkdir(parents=True)
+    names = {"inner"} | {f"n{i:03d}" for i in range(100)}
+    for name in names - {"inner"}:
+        (sub / name).write_text("")
+    mount_root = daemon.runtime_dir / "fs"
+    for directory, expected in ((export.path, ["sub"]), (mount_root, [export.id])):
+        listed = subprocess.run(
+            ["ls", "-a", str(directory)], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert listed == [".", "..", *expected]
+    # (directory, what its ".." is): an export's ".." is the mount's root, as a path walk
+    # from it finds; the root's own ".." is itself, as on every filesystem's root.
+    cases = (
+        (inner, sub),
+        (sub, export.path),
+        (export.path, mount_root),
+        (mount_root, mount_root),
+    )
+    for directory, parent in cases:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            # A 100-byte buffer holds a few entries: the kernel comes back for the rest at
+            # the offset of the last one it returned, every few entries.
+            entries = read_directory(fd, 100)
+            by_name = {entry.name: entry for entry in entries}
+            assert len(by_name) == len(entries), "an entry was listed twice"
+            assert by_name["."].ino == os.stat(directory).st_ino
+            assert by_name[".."].ino == os.stat(parent).st_ino
+            assert by_name["."].type == by_name[".."].type == DT_DIR
+            # Resuming at any entry's offset (seekdir) lists exactly the entries after it.
+            for k, entry in enumerate(entries):
+                os.lseek(fd, entry.off, os.SEEK_SET)
+                assert read_directory(fd) == entries[k + 1 :], entry.name
+        finally:
+            os.close(fd)
+        if directory == sub:
+            assert set(by_name) == names | {".", ".."}
 
 
 def test_deep_paths(export: Export) -> None:

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import os
+import signal
 import stat
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from volumed.fs.passthrough import AttrChange, Caller, Passthrough
-from volumed.fs.views import OwnerMapped, ReadOnly, make_view, presented_owner
+from volumed.fs.views import (
+    READ_OPERATIONS,
+    OwnerMapped,
+    ReadOnly,
+    make_view,
+    presented_owner,
+)
 
 ROOT = Caller(0, 0)
+USER = Caller(4242, 4242)
+SET_ID = stat.S_ISUID | stat.S_ISGID
 
 
 @pytest.fixture
@@ -51,6 +62,7 @@ def test_read_only_refuses_every_mutation(root_fd: int, tmp_path: Path) -> None:
             lambda: view.rename(root_fd, b"f", root_fd, b"g", 0),
             lambda: view.open(fd, os.O_WRONLY),
             lambda: view.open(fd, os.O_RDONLY | os.O_TRUNC),
+            lambda: view.write(view.open(fd, os.O_RDONLY), 0, b"x"),
             lambda: view.setxattr(fd, b"user.a", b"1"),
             lambda: view.removexattr(fd, b"user.a"),
         ]
@@ -110,5 +122,117 @@ def test_owner_mapping_keeps_backing_ownership(root_fd: int, tmp_path: Path) -> 
         assert os.stat(tmp_path / "f").st_uid == 0
         with pytest.raises(PermissionError):
             view.setattr(fd, AttrChange(uid=1), ROOT)
+    finally:
+        os.close(fd)
+
+
+def test_read_only_overrides_every_operation_but_the_reads() -> None:
+    # A mutating operation added to Passthrough must be refused by ReadOnly (or named a
+    # read in views.READ_OPERATIONS, on purpose): inheritance would let it through.
+    public = {
+        name
+        for name, member in inspect.getmembers(Passthrough, inspect.isfunction)
+        if not name.startswith("_")
+    }
+    assert public >= READ_OPERATIONS
+    let_through = {name for name in public if getattr(ReadOnly, name) is getattr(Passthrough, name)}
+    assert let_through == READ_OPERATIONS
+
+
+def _mode(tmp_path: Path, name: str) -> int:
+    return stat.S_IMODE(os.lstat(tmp_path / name).st_mode)
+
+
+def test_owner_mapping_never_stores_set_id_bits(root_fd: int, tmp_path: Path) -> None:
+    view = OwnerMapped(65534, 65534)
+    nobody = Caller(65534, 65534)
+    fd, _ = view.lookup(root_fd, b"f")
+    try:
+        view.setattr(fd, AttrChange(mode=0o6755), nobody)
+        assert _mode(tmp_path, "f") == 0o755
+        view.setattr(fd, AttrChange(mode=0o7755), ROOT)  # root through the mapping too
+        assert _mode(tmp_path, "f") == 0o1755
+    finally:
+        os.close(fd)
+    io_fd, fd, _ = view.create(root_fd, b"c", 0o6755, os.O_WRONLY, nobody)
+    os.close(io_fd)
+    os.close(fd)
+    fd, _ = view.mknod(root_fd, b"n", stat.S_IFREG | 0o6755, 0, nobody)
+    os.close(fd)
+    os.chmod(tmp_path / "d", 0o2777)  # made setgid behind the mapping's back
+    d_fd, _ = view.lookup(root_fd, b"d")
+    try:
+        fd, _ = view.mkdir(d_fd, b"sub", 0o2777, nobody)
+        os.close(fd)
+        view.setattr(d_fd, AttrChange(mode=0o2777), nobody)
+    finally:
+        os.close(d_fd)
+    assert (_mode(tmp_path, "c"), _mode(tmp_path, "n")) == (0o755, 0o755)
+    assert (_mode(tmp_path, "d/sub"), _mode(tmp_path, "d")) == (0o777, 0o777)
+
+
+def test_a_chown_through_the_mapping_clears_set_id_bits(root_fd: int, tmp_path: Path) -> None:
+    os.chmod(tmp_path / "f", 0o6755)  # planted from elsewhere
+    view = OwnerMapped(65534, 65534)
+    fd, _ = view.lookup(root_fd, b"f")
+    try:
+        st = view.setattr(fd, AttrChange(uid=65534, gid=65534), ROOT)
+    finally:
+        os.close(fd)
+    assert stat.S_IMODE(st.st_mode) == _mode(tmp_path, "f") == 0o755
+
+
+def test_chmod_keeps_setgid_only_for_a_group_of_the_caller(root_fd: int, tmp_path: Path) -> None:
+    view = Passthrough()
+    os.chown(tmp_path / "f", 4242, 777)
+    fd, _ = view.lookup(root_fd, b"f")
+    try:
+        view.setattr(fd, AttrChange(mode=0o2755), USER)
+        assert _mode(tmp_path, "f") == 0o755
+        view.setattr(fd, AttrChange(mode=0o2755), Caller(4242, 4242, frozenset({777})))
+        assert _mode(tmp_path, "f") == 0o2755
+        view.setattr(fd, AttrChange(mode=0o2755, gid=4242), USER)  # the group it gets
+        assert _mode(tmp_path, "f") == 0o2755
+    finally:
+        os.close(fd)
+
+
+def test_supplementary_groups_come_from_the_calling_process() -> None:
+    process = subprocess.Popen(
+        ["sleep", "60"], user=4242, group=4242, extra_groups=[778], process_group=0
+    )
+    try:
+        assert Caller(4242, 4242, pid=process.pid).in_group(778)
+        assert not Caller(4242, 4242, pid=process.pid).in_group(779)
+        # Another identity at that pid (a reused pid): its groups are not the caller's.
+        assert not Caller(4243, 4242, pid=process.pid).in_group(778)
+        assert not Caller(4242, 4242).in_group(778)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not Caller(4242, 4242, pid=process.pid).in_group(778)
+
+
+def test_every_unprivileged_write_and_truncating_open_clears_setuid(
+    root_fd: int, tmp_path: Path
+) -> None:
+    view = Passthrough()
+    fd, _ = view.lookup(root_fd, b"f")
+    try:
+        io_fd = view.open(fd, os.O_WRONLY, USER)
+        try:
+            for _ in range(2):  # a bit set while the file is open goes at the next write
+                os.chmod(tmp_path / "f", 0o6755)
+                view.write(io_fd, 0, b"x", unprivileged=True)
+                assert _mode(tmp_path, "f") == 0o755
+            os.chmod(tmp_path / "f", 0o6755)
+            view.write(io_fd, 0, b"x")
+            assert _mode(tmp_path, "f") == 0o6755
+        finally:
+            os.close(io_fd)
+        os.close(view.open(fd, os.O_WRONLY | os.O_TRUNC, ROOT))
+        assert _mode(tmp_path, "f") == 0o6755
+        os.close(view.open(fd, os.O_WRONLY | os.O_TRUNC, USER))
+        assert _mode(tmp_path, "f") == 0o755
     finally:
         os.close(fd)

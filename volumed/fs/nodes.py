@@ -86,14 +86,15 @@ class Node(_Pinned):
 class Handle(_Pinned):
     """An open file: its own backing fd, so O_APPEND and friends are per open."""
 
-    __slots__ = ("export", "node", "suid_checked")
+    __slots__ = ("export", "node", "unprivileged_writer")
 
-    def __init__(self, fd: int, node: Node, *, suid_checked: bool) -> None:
+    def __init__(self, fd: int, node: Node, *, unprivileged_writer: bool) -> None:
         super().__init__(fd)
         self.node = node
         self.export = node.export
-        #: False until an unprivileged writer's first write has cleared setuid bits.
-        self.suid_checked = suid_checked
+        #: Opened for writing by a caller without CAP_FSETID: each write clears set-id
+        #: bits first (FUSE's WRITE carries no caller; the opener's stands for it).
+        self.unprivileged_writer = unprivileged_writer
 
 
 class InodeTable:
@@ -130,6 +131,12 @@ class InodeTable:
         node.lookups += 1
         return node
 
+    def find(self, export: ExportState, st: os.stat_result) -> Node | None:
+        """The live node of the object ``st`` describes, if the kernel knows it through
+        ``export`` (nothing is counted: for answers the kernel does not count either)."""
+        node = self._by_key.get((export.export.id, st.st_dev, st.st_ino))
+        return None if node is None or node.closing else node
+
     def forget(self, inode: int, count: int) -> None:
         """The kernel dropped ``count`` lookups of ``inode``."""
         node = self._nodes.get(inode)
@@ -146,11 +153,11 @@ class InodeTable:
             del self._by_key[key]
         node.retire()
 
-    def add_handle(self, fd: int, node: Node, *, suid_checked: bool) -> int:
+    def add_handle(self, fd: int, node: Node, *, unprivileged_writer: bool) -> int:
         """Register an open backing fd; returns the FUSE file handle."""
         handle_id = self._next_handle
         self._next_handle += 1
-        self._handles[handle_id] = Handle(fd, node, suid_checked=suid_checked)
+        self._handles[handle_id] = Handle(fd, node, unprivileged_writer=unprivileged_writer)
         return handle_id
 
     def handle(self, handle_id: int) -> Handle:

@@ -35,6 +35,11 @@ T = TypeVar("T")
 
 #: Entries fetched per worker-thread round trip while answering readdir.
 READDIR_BATCH = 64
+#: Every listing starts with "." (offset 1) and ".." (offset 2), as on ext4; the entry at
+#: index i of a directory's snapshot has offset DOTS + i + 1. An offset is where a listing
+#: resumes (the kernel sends the last one it used back as ``start_id``), so each entry
+#: keeps its offset for the life of the snapshot and nothing is repeated or skipped.
+DOTS = 2
 NAME_MAX = 255
 ROOT_MODE = stat.S_IFDIR | 0o711  # others may enter an export they know, not list them
 #: Seconds the kernel may keep the root's attributes. With default_permissions it checks
@@ -66,17 +71,18 @@ def fuse_edge(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corout
 
 
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
-    return Caller(ctx.uid, ctx.gid)
+    return Caller(ctx.uid, ctx.gid, pid=ctx.pid)
 
 
 class _DirHandle:
-    __slots__ = ("export", "names", "node", "read_once")
+    __slots__ = ("dots", "export", "names", "node")
 
     def __init__(self, node: Node | None, export: ExportState | None) -> None:
         self.node = node
         self.export = export
         self.names: list[bytes] = []
-        self.read_once = False
+        #: What "." and ".." present, taken with ``names``; None until the first snapshot.
+        self.dots: tuple[pyfuse3.EntryAttributes, pyfuse3.EntryAttributes] | None = None
 
 
 class BoxvolFS(pyfuse3.Operations):
@@ -411,7 +417,8 @@ class BoxvolFS(pyfuse3.Operations):
         self, node: Node, io_fd: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
         writes = bool(flags & (os.O_WRONLY | os.O_RDWR))
-        handle_id = self.table.add_handle(io_fd, node, suid_checked=ctx.uid == 0 or not writes)
+        unprivileged = writes and not _caller(ctx).privileged
+        handle_id = self.table.add_handle(io_fd, node, unprivileged_writer=unprivileged)
         return pyfuse3.FileInfo(
             fh=handle_id,
             keep_cache=node.export.export.policy.cache_policy.keep_cache,
@@ -420,7 +427,7 @@ class BoxvolFS(pyfuse3.Operations):
     @fuse_edge
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
-        io_fd = await self._on_node(node, node.export.view.open, flags)
+        io_fd = await self._on_node(node, node.export.view.open, flags, _caller(ctx))
         return self._file_info(node, io_fd, flags, ctx)
 
     @fuse_edge
@@ -454,12 +461,12 @@ class BoxvolFS(pyfuse3.Operations):
     @fuse_edge
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.table.handle(fh)
-        if not handle.suid_checked:
-            await self._on_node(handle.node, handle.export.view.kill_suid_for_write)
-            handle.suid_checked = True
         io_fd = handle.acquire()
         try:
-            return await self._run(handle.export.view.write, io_fd, off, buf)
+            write = functools.partial(
+                handle.export.view.write, unprivileged=handle.unprivileged_writer
+            )
+            return await self._run(write, io_fd, off, buf)
         finally:
             handle.release()
 
@@ -515,27 +522,58 @@ class BoxvolFS(pyfuse3.Operations):
             await self._readdir_root(start_id, token)
             return
         node, export = handle.node, handle.node.export
-        if start_id == 0 or not handle.read_once:
+        if start_id == 0 or handle.dots is None:
             # A snapshot per pass: offsets stay valid however the directory changes.
-            handle.names = await self._on_node(node, export.view.list_directory)
-            handle.read_once = True
-        index = start_id
+            is_root = node is export.root
+            handle.names, st, parent_st = await self._on_node(node, _snapshot, export.view, is_root)
+            handle.dots = (self._attrs(node.inode, st, export), self._dotdot(node, parent_st))
+        if not _reply_dots(token, start_id, handle.dots):
+            return
+        index = max(start_id - DOTS, 0)
         while index < len(handle.names):
             batch = handle.names[index : index + READDIR_BATCH]
             found = await self._on_node(node, _lookup_many, export.view.lookup, batch)
             for k, (position, name, fd, st) in enumerate(found):
                 entry = self.table.remember(export, fd, st)
                 attrs = self._attrs(entry.inode, st, export)
-                if not pyfuse3.readdir_reply(token, name, attrs, index + position + 1):
+                offset = DOTS + index + position + 1
+                if not pyfuse3.readdir_reply(token, name, attrs, offset):
                     self.table.forget(entry.inode, 1)
                     for _position, _name, rest_fd, _st in found[k + 1 :]:
                         os.close(rest_fd)
                     return
             index += len(batch)
 
+    def _dotdot(self, node: Node, parent_st: os.stat_result | None) -> pyfuse3.EntryAttributes:
+        """What ".." of the directory ``node`` presents.
+
+        An export's root: the mount's root, which is where ".." leads from it through the
+        mount (the kernel walks its own dentries), and which shows nothing of the host;
+        the volume's real parent is a managed root outside the export. Elsewhere: the
+        parent directory, if the kernel holds it through this export, as it does for
+        every directory it reached by name. A directory moved behind the export's back
+        may have a parent the kernel never saw: then the export's root stands in (the
+        kernel takes only the inode number and type of these two entries, never their
+        other attributes).
+        """
+        export = node.export
+        if node is export.root:
+            return self._root_attrs()
+        parent = self.table.find(export, parent_st) if parent_st is not None else None
+        if parent is not None and parent_st is not None:
+            return self._attrs(parent.inode, parent_st, export)
+        stand_in = pyfuse3.EntryAttributes()
+        stand_in.st_ino = export.root.inode if export.root is not None else ROOT_INODE
+        stand_in.st_mode = stat.S_IFDIR
+        return stand_in
+
     async def _readdir_root(self, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # The mount's root is its own "..", as every filesystem's root is.
+        if not _reply_dots(token, start_id, (self._root_attrs(), self._root_attrs())):
+            return
         states = sorted(self.exports.values(), key=lambda s: s.name)
-        for offset, state in enumerate(states[start_id:], start=start_id + 1):
+        skip = max(start_id - DOTS, 0)
+        for offset, state in enumerate(states[skip:], start=DOTS + skip + 1):
             root = state.root
             if root is None:
                 continue
@@ -636,6 +674,37 @@ def _link_then_stat(
 ) -> tuple[os.stat_result, os.stat_result | None]:
     """Blocking: hard-link, then the linked inode's and the directory's attributes."""
     return view.link(fd, parent_fd, name), _stat_or_none(parent_fd)
+
+
+def _reply_dots(
+    token: pyfuse3.ReaddirToken,
+    start_id: int,
+    dots: tuple[pyfuse3.EntryAttributes, pyfuse3.EntryAttributes],
+) -> bool:
+    """Reply "." and ".." where the listing has not passed them; False once it is full.
+
+    Neither is counted as a lookup: the kernel links no inode for these two names of a
+    READDIRPLUS answer, so it never forgets them either.
+    """
+    for offset, (name, attrs) in enumerate(zip((b".", b".."), dots, strict=True), start=1):
+        if start_id < offset and not pyfuse3.readdir_reply(token, name, attrs, offset):
+            return False
+    return True
+
+
+def _snapshot(
+    fd: int, view: Passthrough, is_root: bool
+) -> tuple[list[bytes], os.stat_result, os.stat_result | None]:
+    """Blocking: a directory's names, its attributes, and its parent's unless it is an
+    export's root (or its parent is gone)."""
+    names = view.list_directory(fd)
+    st = view.getattr(fd)
+    if is_root:
+        return names, st, None
+    try:
+        return names, st, view.parent_attrs(fd)
+    except OSError:
+        return names, st, None
 
 
 def _lookup_many(

@@ -15,6 +15,8 @@ import errno
 import os
 import stat
 
+from volumed.fs import setid
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_EMPTY_PATH = 0x1000
 _AT_SYMLINK_NOFOLLOW = 0x100
@@ -26,9 +28,6 @@ _RENAME_FLAGS = RENAME_NOREPLACE | RENAME_EXCHANGE
 #: has resolved the name already, and the /proc/self/fd reopen is itself a (magic) link.
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW
 PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-#: Mode bits a write, truncate or chown by an unprivileged caller takes away.
-_KILL_SUID = stat.S_ISUID
-_KILL_SGID_IF_GROUP_EXEC = stat.S_ISGID
 
 
 class _Timespec(ctypes.Structure):
@@ -55,17 +54,54 @@ def check_name(name: bytes) -> bytes:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Caller:
-    """Who asked: new entries belong to them, as on a local filesystem."""
+    """Who asked: new entries belong to them, as on a local filesystem.
+
+    FUSE tells the uid, gid and pid of a request, not its supplementary groups; the set-id
+    rules need them only to keep S_ISGID for a group other than the caller's own, and
+    ``in_group`` then reads them from ``/proc/<pid>/status``. Deciding on the primary group
+    alone would strip S_ISGID from a team directory a member chmods g+s. When they cannot
+    be read, or the process there no longer acts as ``uid``/``gid`` (it died and its pid
+    was reused), the answer is no: the bit is dropped, never kept by mistake.
+    """
 
     uid: int
     gid: int
-    #: Supplementary groups, needed only to decide setgid inheritance on new files.
+    #: Supplementary groups known without asking /proc (tests and callers that know them).
     groups: frozenset[int] = frozenset()
+    #: The requesting thread in boxvold's pid namespace; 0 when unknown.
+    pid: int = 0
 
     @property
     def privileged(self) -> bool:
         """Root keeps setuid bits on write and may chown freely (CAP_FSETID, CAP_CHOWN)."""
         return self.uid == 0
+
+    def in_group(self, gid: int) -> bool:
+        """Whether ``gid`` is the caller's group or a supplementary one. Blocking: may read
+        /proc, so it is asked only when a set-id bit depends on it."""
+        if gid == self.gid or gid in self.groups:
+            return True
+        return self.pid > 0 and gid in _supplementary_groups(self.pid, self.uid, self.gid)
+
+
+def _supplementary_groups(pid: int, uid: int, gid: int) -> frozenset[int]:
+    """Blocking: the groups of thread ``pid`` if its filesystem ids are still uid/gid."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            text = status.read()
+    except OSError:
+        return frozenset()
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(b":")
+        fields[key] = value.split()
+    try:
+        # Uid: and Gid: list real, effective, saved and filesystem ids; FUSE sends the last.
+        if int(fields[b"Uid"][3]) != uid or int(fields[b"Gid"][3]) != gid:
+            return frozenset()
+        return frozenset(int(group) for group in fields[b"Groups"])
+    except (KeyError, IndexError, ValueError):
+        return frozenset()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,8 +120,24 @@ class Passthrough:
     """Operations on the backing files of one volume, confined to it.
 
     Device nodes are never created here, whatever the export: a device node in a volume
-    is a door to the host's devices for the next consumer.
+    is a door to the host's devices for the next consumer. Every mode this class stores
+    goes through ``_chmod``, so a view decides in ``permitted_mode`` which bits may ever
+    reach the backing store; set-id bits follow the caller's credentials (``setid``).
     """
+
+    def permitted_mode(self, mode: int) -> int:
+        """The part of ``mode`` this view may store (all of it: the backing owners are the
+        ones it presents)."""
+        return mode
+
+    def _chmod(self, fd: int, mode: int) -> None:
+        os.chmod(proc_path(fd), self.permitted_mode(stat.S_IMODE(mode)))
+
+    def _kill_set_id(self, fd: int, st: os.stat_result) -> None:
+        """Clear set-id bits as an unprivileged write, truncate or chown does on ext4."""
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISREG(st.st_mode) and setid.killed_mode(mode) != mode:
+            self._chmod(fd, setid.killed_mode(mode))
 
     # -- lookup and attributes -------------------------------------------------------
 
@@ -116,15 +168,17 @@ class Passthrough:
             else:
                 os.truncate(proc_path(fd), change.size)
             if not caller.privileged:
-                self._kill_suid(fd, st)
+                self._kill_set_id(fd, st)
         if change.uid is not None or change.gid is not None:
+            # The backing kernel clears the set-id bits of a chowned file itself.
             uid = -1 if change.uid is None else change.uid
             gid = -1 if change.gid is None else change.gid
             _check(_libc.fchownat(fd, b"", uid, gid, _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW))
         if change.mode is not None:
             if is_link:
                 raise OSError(errno.EOPNOTSUPP, "symlinks have no mode of their own")
-            os.chmod(proc_path(fd), stat.S_IMODE(change.mode))
+            gid = st.st_gid if change.gid is None else change.gid
+            self._chmod(fd, setid.chmod_mode(change.mode, gid, caller))
         if change.atime_ns is not None or change.mtime_ns is not None:
             times = (_Timespec * 2)()
             for slot, value in enumerate((change.atime_ns, change.mtime_ns)):
@@ -134,19 +188,6 @@ class Passthrough:
                     times[slot].tv_sec, times[slot].tv_nsec = divmod(value, 1_000_000_000)
             _check(_libc.utimensat(fd, b"", times, _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW))
         return os.fstat(fd)
-
-    def _kill_suid(self, fd: int, st: os.stat_result) -> None:
-        """Clear setuid (and setgid when group-executable) as a local filesystem does."""
-        mode = stat.S_IMODE(st.st_mode)
-        kill = _KILL_SUID
-        if mode & stat.S_IXGRP:
-            kill |= _KILL_SGID_IF_GROUP_EXEC
-        if mode & kill:
-            os.chmod(proc_path(fd), mode & ~kill)
-
-    def kill_suid_for_write(self, fd: int) -> None:
-        """Called once per handle before an unprivileged caller's first write."""
-        self._kill_suid(fd, os.fstat(fd))
 
     def readlink(self, fd: int) -> bytes:
         """The target of a symlink, as data."""
@@ -181,16 +222,9 @@ class Passthrough:
             wanted = stat.S_IMODE(mode)
             if is_dir and setgid_parent:
                 wanted |= stat.S_ISGID
-            elif (
-                not is_dir
-                and wanted & stat.S_ISGID
-                and caller is not None
-                and not caller.privileged
-                and gid != caller.gid
-                and gid not in caller.groups
-            ):
-                wanted &= ~stat.S_ISGID
-            os.chmod(proc_path(fd), wanted)
+            elif not is_dir and caller is not None:
+                wanted = setid.new_file_mode(wanted, gid, caller)
+            self._chmod(fd, wanted)
         return os.fstat(fd)
 
     def _remove_new(self, parent_fd: int, name: bytes, is_dir: bool) -> None:
@@ -306,19 +340,35 @@ class Passthrough:
 
     # -- files -------------------------------------------------------------------------
 
-    def open(self, fd: int, flags: int) -> int:
-        """Open the regular file behind ``fd`` for I/O with the caller's flags."""
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EISDIR if stat.S_ISDIR(mode) else errno.ELOOP, "")
-        return os.open(proc_path(fd), (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
+    def open(self, fd: int, flags: int, caller: Caller | None = None) -> int:
+        """Open the regular file behind ``fd`` for I/O with the caller's flags (an
+        unprivileged caller's O_TRUNC clears set-id bits, as its truncate does)."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.ELOOP, "")
+        io_fd = os.open(proc_path(fd), (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
+        if flags & os.O_TRUNC and caller is not None and not caller.privileged:
+            try:
+                self._kill_set_id(fd, st)
+            except BaseException:
+                os.close(io_fd)
+                raise
+        return io_fd
 
     def read(self, io_fd: int, offset: int, size: int) -> bytes:
         """Read up to ``size`` bytes at ``offset``."""
         return os.pread(io_fd, size, offset)
 
-    def write(self, io_fd: int, offset: int, data: bytes) -> int:
-        """Write at ``offset`` (at the end for an O_APPEND open, as pwrite does)."""
+    def write(self, io_fd: int, offset: int, data: bytes, *, unprivileged: bool = False) -> int:
+        """Write at ``offset`` (at the end for an O_APPEND open, as pwrite does).
+
+        ``unprivileged``: the file was opened for writing by a caller without CAP_FSETID,
+        so set-id bits go first, on every write as on ext4 (a bit set while the file was
+        open would otherwise survive a later write). The fstat costs about a microsecond
+        against a write's 100 or more in the thread trip it shares.
+        """
+        if unprivileged:
+            self._kill_set_id(io_fd, os.fstat(io_fd))
         return os.pwrite(io_fd, data, offset)
 
     def fsync(self, io_fd: int, datasync: bool) -> None:
@@ -336,6 +386,16 @@ class Passthrough:
             return [name.encode("utf-8", "surrogateescape") for name in os.listdir(dir_fd)]
         finally:
             os.close(dir_fd)
+
+    def parent_attrs(self, fd: int) -> os.stat_result:
+        """Attributes of the directory holding the directory ``fd``, for its ".." entry.
+
+        Only stat-ed, never opened or returned as an fd. For an export's root that is a
+        directory outside the volume: callers never ask for a root, and use the answer only
+        to recognise a directory they already hold (a directory moved out behind the
+        export's back leaves its ".." outside too).
+        """
+        return os.stat("..", dir_fd=fd, follow_symlinks=False)
 
     def fsyncdir(self, fd: int, datasync: bool) -> None:
         """fsync a directory."""

@@ -1,8 +1,12 @@
 """Export policies as views: each is the passthrough interface with one rule changed.
 
 ``ReadOnly`` answers EROFS to every mutation; ``OwnerMapped`` keeps the backing store's
-ownership while the export presents one uid/gid. They compose by inheritance over the
-stateless ``Passthrough``, so a policy lives in one class, not in checks across handlers.
+ownership while the export presents one uid/gid, and so stores no setuid or setgid bit
+(the backing owner is root's: such a bit would make a root setuid binary for every other
+export and guest of the volume). They compose by inheritance over the stateless
+``Passthrough``, so a policy lives in one class, not in checks across handlers.
+``READ_OPERATIONS`` names what ``ReadOnly`` lets through; a test holds every other
+operation of ``Passthrough`` to be refused, so a new mutating one cannot slip past it.
 """
 
 from __future__ import annotations
@@ -10,8 +14,27 @@ from __future__ import annotations
 import errno
 import os
 
+from volumed.fs import setid
 from volumed.fs.passthrough import AttrChange, Caller, Passthrough
 
+#: The operations of ``Passthrough`` that change nothing; ``ReadOnly`` refuses every other
+#: (``open`` passes only without write flags).
+READ_OPERATIONS = frozenset(
+    {
+        "lookup",
+        "getattr",
+        "readlink",
+        "read",
+        "fsync",
+        "list_directory",
+        "parent_attrs",
+        "fsyncdir",
+        "statfs",
+        "getxattr",
+        "listxattr",
+        "permitted_mode",
+    }
+)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -61,15 +84,12 @@ class ReadOnly(Passthrough):
     ) -> None:
         raise _erofs()
 
-    def open(self, fd: int, flags: int) -> int:
+    def open(self, fd: int, flags: int, caller: Caller | None = None) -> int:
         if flags & _WRITE_FLAGS:
             raise _erofs()
-        return super().open(fd, flags)
+        return super().open(fd, flags, caller)
 
-    def write(self, io_fd: int, offset: int, data: bytes) -> int:
-        raise _erofs()
-
-    def kill_suid_for_write(self, fd: int) -> None:
+    def write(self, io_fd: int, offset: int, data: bytes, *, unprivileged: bool = False) -> int:
         raise _erofs()
 
     def setxattr(self, fd: int, name: bytes, value: bytes) -> None:
@@ -83,12 +103,19 @@ class OwnerMapped(Passthrough):
     """Presents every file as ``uid``/``gid``; the backing files keep their own owners.
 
     New entries are not chowned to the caller (the backing owner stays the daemon's), and
-    a chown is accepted only to the presented owner, where it changes nothing.
+    a chown is accepted only to the presented owner, where it changes no owner but clears
+    set-id bits, as every chown does. No setuid or setgid bit is ever stored: whoever asks
+    for one (chmod, create, mknod, mkdir, a new directory in a setgid one) gets the rest of
+    the mode without it, silently, as the kernel drops S_ISGID.
     """
 
     def __init__(self, uid: int, gid: int) -> None:
         self.uid = uid
         self.gid = gid
+
+    def permitted_mode(self, mode: int) -> int:
+        """Never a set-id bit: it would be a root-owned one in the backing store."""
+        return setid.without_set_id(mode)
 
     def setattr(
         self, fd: int, change: AttrChange, caller: Caller, io_fd: int | None = None
@@ -101,7 +128,12 @@ class OwnerMapped(Passthrough):
             atime_ns=change.atime_ns,
             mtime_ns=change.mtime_ns,
         )
-        return super().setattr(fd, kept, caller, io_fd)
+        st = super().setattr(fd, kept, caller, io_fd)
+        if change.uid is not None or change.gid is not None:
+            # No chown reaches the backing file, so its kernel clears nothing: do it here.
+            self._kill_set_id(fd, st)
+            st = os.fstat(fd)
+        return st
 
     def create(
         self, parent_fd: int, name: bytes, mode: int, flags: int, caller: Caller | None
