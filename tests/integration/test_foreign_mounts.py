@@ -169,6 +169,7 @@ def test_a_restored_export_is_not_served_through_a_foreign_mount(
 ) -> None:
     ok(daemon, "create", "data")
     export_id, mountpoint = ok(daemon, "export", "create", "data").split()
+    dropped_id = ok(daemon, "export", "create", "data").split()[0]
     (Path(mountpoint) / "mine").write_text("volume data")
     directory = daemon.home / "volumes" / "named" / "data"
     assert daemon.stop() == 0
@@ -187,6 +188,9 @@ def test_a_restored_export_is_not_served_through_a_foreign_mount(
         assert ok(daemon, "ls", "-q", "--filter", "in-use=true") == "data\n"
         assert "Deleted" not in ok(daemon, "prune", "-f", "--all")
         assert ok(daemon, "ls", "-q") == "data\n"
+        # An export kept this way can still be dropped by its id.
+        assert ok(daemon, "export", "ls", "-q") == ""
+        ok(daemon, "export", "rm", dropped_id)
         assert daemon.stop() == 0
 
     daemon.start()
