@@ -94,6 +94,13 @@ class OutsideManagedRoots(BoxvolError):
     code = "outside_managed_roots"
 
 
+class ForeignMount(BoxvolError):
+    """A volume's directory is a mount point boxvold did not make (e.g. root's
+    ``mount --bind``); nothing serves, measures or removes it until it is unmounted."""
+
+    code = "foreign_mount"
+
+
 class StorageError(BoxvolError):
     """The host refused a filesystem or registry operation."""
 
@@ -141,6 +148,7 @@ BY_CODE: dict[str, type[BoxvolError]] = {
         AmbiguousReference,
         InUse,
         OutsideManagedRoots,
+        ForeignMount,
         StorageError,
         AlreadyServing,
         Busy,
@@ -159,6 +167,8 @@ HTTP_STATUS: tuple[tuple[type[BoxvolError], int], ...] = (
     (NotFound, 404),
     (Conflict, 409),
     (OutsideManagedRoots, 500),
+    # A state of the host the operator must fix (unmount it), not a fault of boxvold.
+    (ForeignMount, 409),
     (StorageError, 500),
     (Busy, 503),
     (BoxvolError, 500),

@@ -4,6 +4,11 @@ It keeps in step the registry's export rows (which make a volume "in use"), the 
 filesystem's view of each export, the virtiofsd supervisors of virtio-fs exports, and the
 volume directories opened through the gate. Runs on the trio loop; registry and gate work go
 to worker threads.
+
+A recorded export whose volume directory has a foreign mount on it at start (the gate raises
+``ForeignMount``) is kept but not served: its row stays, so the volume stays in use and is not
+pruned, and it is served again at the first start after the mount is gone. Dropping the row
+would lose the export for good over a state the operator fixes with one ``umount``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, TypeVar
 import trio
 from ulid import ULID
 
-from volumed.errors import BoxvolError, Conflict, NotFound
+from volumed.errors import BoxvolError, Conflict, ForeignMount, NotFound
 from volumed.exports import (
     Export,
     ExportPolicy,
@@ -94,6 +99,9 @@ class ExportManager:
         self._virtiofsd: Virtiofsd | None = None
         self._writer = writer
         self._live: dict[str, LiveExport] = {}
+        #: Recorded exports restore refused to serve (a foreign mount), by id: neither a FUSE
+        #: view nor a virtiofsd. ``remove`` still drops their rows.
+        self._unserved: dict[str, LiveExport] = {}
         self._nursery: trio.Nursery | None = None
         #: Export creation and removal (and forced volume removal) happen one at a time.
         self.lock = trio.Lock()
@@ -115,7 +123,14 @@ class ExportManager:
         """Give a recorded export its FUSE view and/or its virtiofsd."""
         live = LiveExport(export, volume, mountpoint=None)
         if export.served_by_fuse_view:
-            fd, st = await self._thread(open_volume_directory, self.store.layout, volume)
+            fd, st = await self._thread(
+                functools.partial(
+                    open_volume_directory,
+                    self.store.layout,
+                    volume,
+                    own_mounts=self.store.own_mounts,
+                )
+            )
             view = make_view(read_only=export.policy.read_only, owner=export.policy.owner)
             live.state = ExportState(export, view)
             self.fs.add_export(live.state, fd, st)
@@ -140,7 +155,11 @@ class ExportManager:
         source: str = (
             fuse_view
             if fuse_view is not None
-            else await self._thread(volume_directory, self.store.layout, volume)
+            else await self._thread(
+                functools.partial(
+                    volume_directory, self.store.layout, volume, own_mounts=self.store.own_mounts
+                )
+            )
         )
         await trio.to_thread.run_sync(self._prepare_vhost_dir)
         supervisor = VhostSupervisor(
@@ -169,6 +188,19 @@ class ExportManager:
             if volume is not None:
                 try:
                     await self._establish(export, volume)
+                except ForeignMount as exc:
+                    log.error(
+                        "export not served id=%s kind=%s volume=%s reason=%s; it stays "
+                        "recorded (the volume in use) and is served at the first start after "
+                        "the mount is gone, or dropped with 'boxvol export rm %s'",
+                        export.id,
+                        export.kind,
+                        volume.key,
+                        exc.message,
+                        export.id,
+                    )
+                    self._unserved[export.id] = LiveExport(export, volume, mountpoint=None)
+                    continue
                 except (OSError, BoxvolError) as exc:
                     reason = str(exc)
                 else:
@@ -267,8 +299,9 @@ class ExportManager:
             return await self._remove_locked(export_id)
 
     async def _remove_locked(self, export_id: str) -> LiveExport:
-        live = self.get(export_id)
-        del self._live[live.export.id]
+        unserved = self._unserved.pop(export_id.upper(), None)
+        live = unserved if unserved is not None else self.get(export_id)
+        self._live.pop(live.export.id, None)
         if live.supervisor is not None:
             await live.supervisor.stop()
         if live.state is not None:
@@ -278,10 +311,23 @@ class ExportManager:
         return live
 
     async def remove_volume(self, ref: str, *, force: bool) -> Volume:
-        """Remove a volume; with ``force`` its exports are torn down first."""
+        """Remove a volume; with ``force`` its exports are torn down first.
+
+        All or nothing: everything that can refuse the removal (in use without ``force``, a
+        foreign mount, a tampered directory) is checked before the first export goes.
+        """
         async with self.lock:
             volume = await self._thread(self.store.resolve, ref)
+            await self._thread(
+                functools.partial(self.store.check_removable, volume.id, force=force)
+            )
             if force:
                 for live in self.list(volume.id):
                     await self._remove_locked(live.export.id)
-            return await self._thread(functools.partial(self.store.remove, volume.id, force=force))
+            removed = await self._thread(
+                functools.partial(self.store.remove, volume.id, force=force)
+            )
+            # Their rows went with the volume's.
+            for export_id in [i for i, u in self._unserved.items() if u.volume.id == volume.id]:
+                del self._unserved[export_id]
+            return removed

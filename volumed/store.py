@@ -3,7 +3,9 @@
 It owns the directories under the managed roots and keeps them in step with the registry:
 every create and remove is all-or-nothing across row and directory. Directories are only
 ever touched relative to root directory fds opened once, and volume data is reached only
-through the gate. Blocking: every public method does disk I/O; the daemon calls them from
+through the gate. A volume whose directory is a mount boxvold did not make (``ForeignMount``)
+is never measured, removed, pruned, adopted or quarantined: each such path refuses or skips
+it and says so. Blocking: every public method does disk I/O; the daemon calls them from
 worker threads.
 """
 
@@ -11,24 +13,28 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import logging
 import os
 import shutil
 import stat
+from collections.abc import Container
 
 from ulid import ULID
 
 from volumed.errors import (
     AmbiguousReference,
     Conflict,
+    ForeignMount,
     InUse,
     NotFound,
     OutsideManagedRoots,
     StorageError,
 )
-from volumed.gate import volume_directory
+from volumed.gate import NO_OWN_MOUNTS, check_not_mounted_over, foreign_mount, volume_directory
 from volumed.locations import Layout
 from volumed.model import KINDS, ListFilter, Volume, VolumeKind
+from volumed.mounts import mounts_below, parse_mountinfo
 from volumed.names import (
     CONSUMER,
     check_labels,
@@ -105,13 +111,19 @@ class VolumeStore:
 
     layout: Layout
     registry: Registry
+    #: Mount ids of mounts boxvold made at volume directories; the gate accepts those (see
+    #: ``gate.NO_OWN_MOUNTS``). Exports reach volumes through the same set.
+    own_mounts: Container[int]
     _root_fds: dict[str, int]
     _trash_fd: int
     _quarantine_fd: int
 
-    def __init__(self, layout: Layout, registry: Registry) -> None:
+    def __init__(
+        self, layout: Layout, registry: Registry, *, own_mounts: Container[int] = NO_OWN_MOUNTS
+    ) -> None:
         self.layout = layout
         self.registry = registry
+        self.own_mounts = own_mounts
         self._root_fds = {kind: _open_dir(layout.root(kind)) for kind in KINDS}
         self._trash_fd = _open_dir(layout.trash)
         self._quarantine_fd = _open_dir(layout.quarantine)
@@ -257,14 +269,7 @@ class VolumeStore:
         The directory is first renamed into the trash (atomic), then the row goes, then the
         trash entry is deleted; a crash in between leaves trash that reconciliation clears.
         """
-        state = self.state(ref)
-        volume = state.volume
-        if state.in_use and not force:
-            raise InUse(
-                f"volume {volume.key!r} is in use by {state.exports} export(s); stop what uses "
-                f"it, or remove it anyway with 'boxvol rm -f {volume.key}'"
-            )
-        present = self._present(volume)
+        volume, present = self._check_removable(self.state(ref), force=force)
         root_fd = self._root_fds[volume.kind]
         moved = False
         try:
@@ -273,6 +278,9 @@ class VolumeStore:
                     os.rename(volume.key, volume.id, src_dir_fd=root_fd, dst_dir_fd=self._trash_fd)
                     moved = True
         except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                # Mounted on since the check: say what, as the check would have.
+                self._check_removable(self.state(volume.id), force=True)
             raise StorageError(f"cannot remove volume {volume.key!r}: {exc}") from exc
         except BaseException:
             if moved:
@@ -283,10 +291,39 @@ class VolumeStore:
         log.info("volume removed id=%s name=%s kind=%s", volume.id, volume.name, volume.kind)
         return volume
 
+    def check_removable(self, ref: str, *, force: bool = False) -> None:
+        """Raise what ``remove`` would refuse with, changing nothing: a caller that must undo
+        other state first (exports) asks this before it starts."""
+        self._check_removable(self.state(ref), force=force)
+
+    def _check_removable(self, state: VolumeState, *, force: bool) -> tuple[Volume, bool]:
+        """The volume and whether its directory is there; raises InUse, ForeignMount (on
+        it or below it) or OutsideManagedRoots when a removal must not start."""
+        volume = state.volume
+        if state.in_use and not force:
+            raise InUse(
+                f"volume {volume.key!r} is in use by {state.exports} export(s); stop what uses "
+                f"it, or remove it anyway with 'boxvol rm -f {volume.key}'"
+            )
+        present = self._present(volume)
+        if present:
+            self._check_nothing_mounted_below(volume)
+        return volume, present
+
+    def _check_nothing_mounted_below(self, volume: Volume) -> None:
+        # The rename into the trash carries a mount inside the directory along, and deleting
+        # the trash entry would then delete the mounted data: refuse first.
+        directory = os.path.join(self.layout.root(volume.kind), volume.key)
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+            below = mounts_below(parse_mountinfo(table.read()), directory)
+        if below:
+            raise foreign_mount(f"volume {volume.key!r}", below[0].mount_point, below[0].mount_id)
+
     def _present(self, volume: Volume) -> bool:
-        """True if the volume's directory is there; False if missing; raise if tampered."""
+        """True if the volume's directory is there; False if missing; raise if tampered or
+        mounted on."""
         try:
-            volume_directory(self.layout, volume)
+            volume_directory(self.layout, volume, own_mounts=self.own_mounts)
         except OutsideManagedRoots:
             try:
                 os.lstat(volume.key, dir_fd=self._root_fds[volume.kind])
@@ -319,16 +356,24 @@ class VolumeStore:
                 removed.append(self.remove(state.volume.id))
             except (NotFound, InUse):
                 continue  # removed or taken into use meanwhile
+            except ForeignMount as exc:
+                # Never removed through a mount; the rest of the prune goes on.
+                log.warning("prune skipped id=%s reason=%s", state.volume.id, exc.message)
+                continue
             reclaimed += size
         return removed, reclaimed
 
     # -- usage --------------------------------------------------------------------------
 
     def usage(self, volume: Volume) -> Usage:
-        """Bytes (allocated blocks) and inodes under a volume directory."""
+        """Bytes (allocated blocks) and inodes under a volume directory; nothing (0, 0) for
+        one the gate refuses, e.g. a mount over it: that is not the volume's usage."""
         try:
-            directory = volume_directory(self.layout, volume)
+            directory = volume_directory(self.layout, volume, own_mounts=self.own_mounts)
         except OutsideManagedRoots:
+            return Usage(0, 0)
+        except ForeignMount as exc:
+            log.warning("usage not measured id=%s reason=%s", volume.id, exc.message)
             return Usage(0, 0)
         seen: set[int] = set()
         total_bytes = 0
@@ -407,8 +452,12 @@ class VolumeStore:
         records = {(v.kind, v.key): v for v in self.registry.all()}
         for (kind, key), volume in records.items():
             root_fd = self._root_fds[kind]
+            mounted = self._foreign_mount_action(kind, key)
+            if mounted is not None:
+                actions.append(mounted)
+                continue
             try:
-                volume_directory(self.layout, volume)
+                volume_directory(self.layout, volume, own_mounts=self.own_mounts)
                 continue
             except OutsideManagedRoots:
                 pass
@@ -429,7 +478,8 @@ class VolumeStore:
             for entry in os.listdir(root_fd):
                 if (kind, entry) in records:
                     continue
-                actions.append(self._adopt_or_quarantine(kind, entry, root_fd))
+                mounted = self._foreign_mount_action(kind, entry)
+                actions.append(mounted or self._adopt_or_quarantine(kind, entry, root_fd))
         for action in actions:
             log.warning(
                 "reconcile action=%s kind=%s key=%s detail=%s",
@@ -439,6 +489,18 @@ class VolumeStore:
                 action.detail,
             )
         return actions
+
+    def _foreign_mount_action(self, kind: VolumeKind, entry: str) -> ReconcileAction | None:
+        """Report (and so leave alone) an entry that a foreign mount covers: quarantining it
+        would fail (EBUSY, stopping the start), recreating or adopting it would act on the
+        mounted data."""
+        try:
+            check_not_mounted_over(self.layout.root(kind), entry, own_mounts=self.own_mounts)
+        except FileNotFoundError:
+            return None
+        except ForeignMount as exc:
+            return ReconcileAction("foreign-mount", kind, entry, f"left as it is: {exc.message}")
+        return None
 
     def _adopt_or_quarantine(self, kind: VolumeKind, entry: str, root_fd: int) -> ReconcileAction:
         st = os.lstat(entry, dir_fd=root_fd)
