@@ -12,6 +12,7 @@ import sys
 
 from volumed import errors, locations
 from volumed.client import Client
+from volumed.text import print_table, printable
 
 # Not typing.TYPE_CHECKING: importing typing costs this CLI's start-up ~4 ms; mypy treats any
 # constant named TYPE_CHECKING as true.
@@ -37,16 +38,6 @@ def _short_time(stamp: str) -> str:
     return stamp[:19].replace("T", " ")
 
 
-def print_table(rows: list[list[str]], headers: list[str], out: TextIO) -> None:
-    """Left-aligned columns separated by two spaces, as docker and podman print them."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-    for row in [headers, *rows]:
-        line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-        out.write(line.rstrip() + "\n")
-
-
 def _labels_text(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" if v else k for k, v in sorted(labels.items()))
 
@@ -70,7 +61,7 @@ def cmd_create(args: argparse.Namespace, out: TextIO) -> int:
     volume = _client().create_volume(
         args.name, labels=labels, size_bytes=size, inode_limit=inodes, consumer=args.consumer
     )
-    out.write((volume["name"] or volume["id"]) + "\n")
+    out.write(printable(volume["name"] or volume["id"]) + "\n")
     return EXIT_OK
 
 
@@ -97,7 +88,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     """List volumes as a table, ids/names only (-q), or JSON."""
     volumes = _client().list_volumes(_filters(args.filter))
     if args.quiet:
-        out.writelines((v["name"] or v["id"]) + "\n" for v in volumes)
+        out.writelines(printable(v["name"] or v["id"]) + "\n" for v in volumes)
     elif args.format == "json":
         json.dump(volumes, out, indent=2)
         out.write("\n")
@@ -126,7 +117,7 @@ def _each(refs: list[str], action: Callable[[str], Any]) -> tuple[list[Any], boo
         except errors.DaemonUnavailable:
             raise
         except errors.BoxvolError as exc:
-            sys.stderr.write(f"boxvol: error: {exc.message}\n")
+            sys.stderr.write(f"boxvol: error: {printable(exc.message)}\n")
             failed = True
     return results, failed
 
@@ -144,7 +135,7 @@ def _remove_each(refs: list[str], remove: Callable[[str], Any], out: TextIO) -> 
 
     def remove_and_say(ref: str) -> None:
         remove(ref)
-        out.write(ref + "\n")
+        out.write(printable(ref) + "\n")
 
     _, failed = _each(refs, remove_and_say)
     return EXIT_FAILED if failed else EXIT_OK
@@ -179,7 +170,7 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     result = _client().prune(all_volumes=args.all)
     if result["removed"]:
         out.write("Deleted Volumes:\n")
-        out.writelines((v["name"] or v["id"]) + "\n" for v in result["removed"])
+        out.writelines(printable(v["name"] or v["id"]) + "\n" for v in result["removed"])
         out.write("\n")
     out.write(f"Total reclaimed space: {format_size(result['reclaimed_bytes'])}\n")
     return EXIT_OK
@@ -218,6 +209,7 @@ def cmd_df(args: argparse.Namespace, out: TextIO) -> int:
     out.write(
         f"\nHost: {format_size(host['free_bytes'])} free of {format_size(host['total_bytes'])}, "
         f"{host['free_inodes']} inodes free of {host['total_inodes']}\n"
+        f"Measured at {_short_time(usage['measured_at'])} UTC (reused for up to 2 s)\n"
     )
     return EXIT_OK
 
@@ -253,7 +245,7 @@ def cmd_export_ls(args: argparse.Namespace, out: TextIO) -> int:
     """List live exports."""
     exports = _client().list_exports(args.volume)
     if args.quiet:
-        out.writelines(e["id"] + "\n" for e in exports)
+        out.writelines(printable(e["id"]) + "\n" for e in exports)
     elif args.format == "json":
         json.dump(exports, out, indent=2)
         out.write("\n")
@@ -347,7 +339,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {printable(message)}\n")
         raise SystemExit(EXIT_USAGE)
 
 
@@ -452,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args, sys.stdout)
     except UsageError as exc:
-        sys.stderr.write(f"boxvol: error: {exc}\n")
+        sys.stderr.write(f"boxvol: error: {printable(str(exc))}\n")
         return EXIT_USAGE
     except errors.BoxvolError as exc:
         return errors.report_to_terminal(exc)

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from volumed import errors
+from volumed.text import print_table, printable
 
 if TYPE_CHECKING:
     from vmdriver.driver import Attachment, Scope
@@ -38,7 +39,7 @@ DEFAULT_URI = "qemu:///system"  # as vmdriver.libvirt_driver.DEFAULT_URI, withou
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {printable(message)}\n")
         raise SystemExit(EXIT_USAGE)
 
 
@@ -138,13 +139,6 @@ def _state(a: Attachment) -> str:
     return "+".join(n for n, on in (("live", a.live), ("config", a.config)) if on) or "recorded"
 
 
-def _print_table(rows: list[list[str]], headers: list[str], out: TextIO) -> None:
-    """Left-aligned columns two spaces apart, as the rest of ``boxvol`` prints them."""
-    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
-    for row in [headers, *rows]:
-        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
-
-
 def _print_attachments(attachments: Sequence[Attachment], out: TextIO) -> None:
     rows = [
         [
@@ -159,7 +153,7 @@ def _print_attachments(attachments: Sequence[Attachment], out: TextIO) -> None:
         for a in attachments
     ]
     headers = ["TAG", "VOLUME", "GUEST PATH", "MODE", "VIA", "IN", "EXPORT ID"]
-    _print_table(rows, headers, out)
+    print_table(rows, headers, out)
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
@@ -188,7 +182,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                 done = driver.detach(args.domain, targets, scope=scope)
             else:
                 done = driver.detach(args.domain, targets, scope=scope, timeout=args.timeout)
-            out.writelines(f"{a.tag}  {a.guest_path}\n" for a in done)
+            out.writelines(printable(f"{a.tag}  {a.guest_path}") + "\n" for a in done)
         return EXIT_OK
     if args.command == "prepare":
         with _driver(args.connect) as driver:
@@ -197,17 +191,19 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             else:
                 result = driver.prepare(args.domain, spare_root_ports=args.spare_root_ports)
         if not result.changes:
-            out.write(f"{args.domain} is ready for virtio-fs; nothing changed\n")
+            out.write(printable(f"{args.domain} is ready for virtio-fs; nothing changed") + "\n")
             return EXIT_OK
-        out.writelines(f"{args.domain}: {change}\n" for change in result.changes)
+        out.writelines(printable(f"{args.domain}: {change}") + "\n" for change in result.changes)
         if result.restart_needed:
-            out.write(f"{args.domain} is running: the changes apply from its next boot\n")
+            out.write(
+                printable(f"{args.domain} is running: the changes apply from its next boot") + "\n"
+            )
         return EXIT_OK
     if args.command == "ls":
         with _driver(args.connect) as driver:
             attachments = driver.list_attachments(args.domain)
         if args.quiet:
-            out.writelines(a.tag + "\n" for a in attachments)
+            out.writelines(printable(a.tag) + "\n" for a in attachments)
         elif args.format == "json":
             json.dump([a.to_json() for a in attachments], out, indent=2)
             out.write("\n")
@@ -241,7 +237,7 @@ def _watch(uri: str, out: TextIO) -> int:
                 f"removed {len(r.volumes)} anonymous volume(s)\n"
             )
             for volume_id, why in r.kept:
-                out.write(f"{event.domain}: kept {volume_id}: {why}\n")
+                out.write(printable(f"{event.domain}: kept {volume_id}: {why}") + "\n")
             out.flush()
 
     async def watch_until_stopped(driver: LibvirtDriver) -> None:

@@ -47,7 +47,7 @@ from volumed.schemas import (
     VolumeList,
     VolumeOut,
 )
-from volumed.store import ReconcileAction, VolumeState, VolumeStore
+from volumed.store import ReconcileAction, VolumeState, VolumeStore, utc_now
 from volumed.text import printable, printable_repr
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ class Service:
     reader: trio.CapacityLimiter
     reconciled: list[ReconcileAction]
     exports: ExportManager
+    #: The last df, shared by the requests that come while it is fresh or being measured.
+    usage: UsageCache
 
     def __init__(
         self,
@@ -81,6 +83,7 @@ class Service:
         self.reader = trio.CapacityLimiter(4)
         self.reconciled = reconciled
         self.exports = exports(self.writer)
+        self.usage = UsageCache(functools.partial(_disk_usage, store))
 
     async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a mutating store call in a worker thread."""
@@ -93,6 +96,49 @@ class Service:
         return await trio.to_thread.run_sync(
             functools.partial(fn, *args, **kwargs), limiter=self.reader
         )
+
+
+#: Seconds a df answer is reused: a walk of every volume can take seconds, and twenty callers
+#: at once must not mean twenty walks (or twenty reader threads that health waits behind).
+USAGE_MAX_AGE = 2.0
+
+
+class UsageCache:
+    """df answers measured at most once per USAGE_MAX_AGE, one walk at a time.
+
+    A request that comes while a walk runs waits for that walk; one that comes within
+    USAGE_MAX_AGE of the last walk gets its answer, which says when it was measured. The walk
+    runs in its own worker thread (limiter of one), never in the readers' pool.
+    """
+
+    def __init__(self, measure: Callable[[], dict[str, Any]]) -> None:
+        self._measure = measure
+        self._limiter = trio.CapacityLimiter(1)
+        self._answer: dict[str, Any] | None = None
+        self._taken = -float("inf")
+        self._running: trio.Event | None = None
+
+    async def get(self) -> dict[str, Any]:
+        """A df answer no older than USAGE_MAX_AGE when the call began."""
+        asked = trio.current_time()
+        while True:
+            if self._answer is not None and self._taken >= asked - USAGE_MAX_AGE:
+                return self._answer
+            if self._running is not None:
+                await self._running.wait()
+                if self._answer is not None and self._taken >= asked - USAGE_MAX_AGE:
+                    return self._answer
+                continue
+            self._running = trio.Event()
+            try:
+                taken = trio.current_time()
+                answer = await trio.to_thread.run_sync(self._measure, limiter=self._limiter)
+                answer["measured_at"] = utc_now()
+                self._answer, self._taken = answer, taken
+                return answer
+            finally:
+                self._running.set()
+                self._running = None
 
 
 def volume_json(state: VolumeState) -> dict[str, Any]:
@@ -378,13 +424,14 @@ def create_app(service: Service) -> FastAPI:
     async def disk_usage(request: Request) -> Response:
         """Bytes and inodes per volume, totals, and room left on the host."""
         check_query(request, ())
-        return json_response(await service.read(_disk_usage, store))
+        return json_response(await service.usage.get())
 
     @app.get("/v1/health", response_model=Health)
     async def health(request: Request) -> Response:
         """Liveness, the volume count and what start-up reconciliation repaired."""
         check_query(request, ())
-        count = len(await service.read(store.registry.all))
+        # Not in the readers' pool: health must answer while listings and usage walks queue.
+        count = await trio.to_thread.run_sync(store.registry.count)
         return json_response(
             {
                 "status": "ok",

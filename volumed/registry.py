@@ -208,6 +208,12 @@ class Registry:
             ).fetchall()
         return [_row_to_volume(row) for row in rows]
 
+    def count(self) -> int:
+        """How many volumes there are."""
+        with self._lock:
+            (total,) = self._db.execute("SELECT COUNT(*) FROM volumes").fetchone()
+        return int(total)
+
     def select(self, where: ListFilter) -> list[tuple[Volume, int]]:
         """Volumes passing ``where`` with their live export counts, oldest first."""
         conditions, args = _where(where)

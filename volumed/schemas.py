@@ -336,6 +336,10 @@ class DiskUsage(BaseModel):
     volumes: list[VolumeUsage]
     totals: UsageTotals
     host: HostSpace
+    measured_at: str = Field(
+        description="When the volumes were walked (RFC 3339 UTC): an answer is reused for up "
+        "to 2 seconds, so several callers at once cost one walk."
+    )
 
 
 class ReconcileEntry(BaseModel):

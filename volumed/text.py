@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import TextIO
 
 from volumed.errors import InvalidArgument
 
@@ -111,3 +112,12 @@ def printable_repr(value: object) -> str:
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def print_table(rows: list[list[str]], headers: list[str], out: TextIO) -> None:
+    """Left-aligned columns separated by two spaces, as docker and podman print them; every
+    cell passes through ``printable``, so no stored text reaches the terminal raw."""
+    shown = [[printable(cell) for cell in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in shown) for i in range(len(headers))]
+    for row in shown:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -207,3 +208,23 @@ def test_export_commands(daemon: Daemon) -> None:
     assert missing.returncode == 1
     assert "boxvol export ls" in missing.stderr
     ok(daemon, "rm", "data")
+
+
+def test_no_control_character_reaches_the_terminal_raw(daemon: Daemon) -> None:
+    ok(daemon, "create", "data")
+    # A registry written before labels were checked as strictly as now: the CLI still must
+    # not hand an escape sequence or a bidi override to the terminal.
+    db = sqlite3.connect(daemon.home / "registry.sqlite3")
+    with db:
+        db.execute(
+            "UPDATE volumes SET labels = ? WHERE name = 'data'",
+            (json.dumps({"note": "\x1b]0;owned\x07\u202eevil\x9b"}),),
+        )
+    db.close()
+    for args in (("ls",), ("inspect", "data"), ("ls", "--format", "json"), ("df",)):
+        out = ok(daemon, *args)
+        assert not any(c in out for c in "\x1b\x07\u202e\x9b"), (args, out)
+    assert "\\x1b]0;owned\\x07\\u202eevil\\x9b" in ok(daemon, "ls")
+    refused = boxvol(daemon, "inspect", "x\x1b[2Jy")
+    assert refused.returncode == 1
+    assert "\x1b" not in refused.stderr and "\\x1b[2J" in refused.stderr
