@@ -128,3 +128,11 @@ def test_watcher_unit_runs_the_watcher_after_its_daemons() -> None:
     assert directives["Restart"] == ["on-failure"]
     # No capability at all: connecting to root's own sockets needs none.
     assert directives["CapabilityBoundingSet"] == [""]
+
+
+def test_the_open_file_limit_fits_the_connection_bound() -> None:
+    from volumed.daemon import RESERVED_FDS
+    from volumed.http_server import ServerLimits
+
+    [limit] = _directives(UNIT.read_text())["LimitNOFILE"]
+    assert int(limit) >= ServerLimits().max_connections + RESERVED_FDS
