@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import re
 
+from volumed.errors import InvalidArgument
+
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: the CLI imports this module on every run
 if TYPE_CHECKING:
     from typing import TextIO
-
-from volumed.errors import InvalidArgument
 
 #: The characters no text field may hold, as a regular-expression class body that Python,
 #: ECMA-262 and the Rust regex engines of OpenAPI tools read alike.
