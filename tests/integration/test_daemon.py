@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import Daemon
+from volumed.errors import NotFound, StorageError
 
 
 def test_sigterm_exits_cleanly_and_removes_the_socket(home: Path, runtime_dir: Path) -> None:
@@ -100,3 +102,22 @@ def test_socket_group(home: Path, runtime_dir: Path) -> None:
     with pytest.raises(AssertionError, match="no group 'no-such-group'"):
         daemon.start("--socket-group", "no-such-group")
     assert not daemon.socket.exists()
+
+
+def test_a_failed_request_is_one_log_line_and_a_5xx_names_its_code(daemon: Daemon) -> None:
+    named = daemon.home / "volumes" / "named"
+    offset = daemon.log_offset()
+    subprocess.run(["chattr", "+i", str(named)], check=True)
+    try:
+        with pytest.raises(StorageError):
+            daemon.client().create_volume("refused")
+    finally:
+        subprocess.run(["chattr", "-i", str(named)], check=True)
+    with pytest.raises(NotFound):
+        daemon.client().get_volume("nope")
+    log = daemon.log_since(offset)
+    failed = [line for line in log.splitlines() if "api request failed" in line]
+    assert len(failed) == 2, log
+    assert "ERROR" in failed[0] and "status=500 code=storage_error" in failed[0]
+    assert "INFO" in failed[1] and "status=404 code=not_found" in failed[1]
+    assert "Traceback" not in log, "a refused operation is not a bug: no traceback"
