@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from volumed import API_VERSION, __version__, errors
 from volumed.export_manager import ExportManager
 from volumed.exports import ExportPolicy, VirtiofsTarget
+from volumed.http_server import ServerLimits, server_bounds_text
 from volumed.model import ListFilter, Volume
 from volumed.names import MAX_LABEL_FILTERS, parse_label
 from volumed.schemas import (
@@ -300,7 +301,7 @@ def create_app(service: Service) -> FastAPI:
         version=__version__,
         description=(
             "Managed volumes for hosts that run sandboxed VMs. Volumes are referenced by "
-            "name or id; no request takes a host path."
+            "name or id; no request takes a host path. " + server_bounds_text(ServerLimits())
         ),
         openapi_url=f"/{API_VERSION}/openapi.json",
         docs_url=None,

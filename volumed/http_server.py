@@ -74,6 +74,20 @@ class ServerLimits:
     max_body_bytes: int = 1 << 20
 
 
+def server_bounds_text(limits: ServerLimits) -> str:
+    """The bounds in words, for the API's OpenAPI document."""
+    return (
+        f"Types are strict. A request body is at most {limits.max_body_bytes} bytes (413 "
+        f"payload_too_large), its line and headers at most {limits.max_head_bytes} bytes (400 "
+        f"bad_request); the head must arrive within {limits.head_timeout:g} s and the body "
+        f"within {limits.body_timeout:g} s (408 request_timeout). At most "
+        f"{limits.max_connections} connections are served at once: the one that has waited "
+        "longest for its request makes room for a new one, and 503 busy is answered only "
+        "when every connection is busy with a request. Every error is "
+        '{"error": {"code", "message"}}.'
+    )
+
+
 class _Refusal(Exception):
     """A request the server answers itself with ``error`` and then closes the connection."""
 

@@ -20,7 +20,7 @@ import schemathesis
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.integration.conftest import Daemon
+from tests.helpers import Daemon
 
 OPENAPI = Path(__file__).parents[2] / "docs" / "openapi.json"
 #: Examples per operation and mode: bounded, so the whole run takes under a minute here.

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from tests.integration.conftest import Daemon
+from tests.helpers import Daemon
 from volumed.daemon import DaemonConfig, serve_boxvold
 from volumed.http_server import ServerLimits
 

@@ -10,8 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import VENV_BIN
-from tests.integration.conftest import Daemon
+from tests.helpers import VENV_BIN, Daemon
 
 
 def boxvol(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Daemon
+from tests.helpers import Daemon
 from volumed.errors import NotFound, StorageError
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import trio
 
-from tests.integration.conftest import Daemon
+from tests.helpers import Daemon
 from tests.integration.test_cli import boxvol, ok
 from volumed.errors import ForeignMount
 from volumed.gate import open_volume_directory, volume_directory

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Daemon
+from tests.helpers import Daemon
 from tests.integration.fuse_helpers import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.fsdiff.engine import run_differential, seed_from_env, steps_from_env
-from tests.integration.conftest import Daemon
+from tests.helpers import Daemon
 
 #: Fixed in CI so a failure replays; BOXVOL_FSDIFF_SEED overrides it.
 SEED = 20240601

@@ -14,7 +14,7 @@ import stat
 
 import pytest
 
-from tests.integration.conftest import Daemon
+from tests.helpers import Daemon
 from tests.integration.fuse_helpers import Export, run_as
 
 NOBODY = (65534, 65534)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import Daemon
+from tests.helpers import Daemon
 from volumed.client import ensure_spec_volumes
 from volumed.errors import InvalidArgument
 from volumed.specs import parse_specs

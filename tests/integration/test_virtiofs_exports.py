@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from guest.processes import command_lines
-from tests.integration.conftest import Daemon
+from tests.helpers import Daemon
 from volumed.errors import Conflict, InUse, InvalidArgument
 
 
@@ -218,7 +218,7 @@ def test_an_idle_virtiofsd_on_a_lost_fuse_view_is_replaced_after_a_crash(daemon:
 def test_cli_lists_virtiofs_exports(daemon: Daemon) -> None:
     import subprocess
 
-    from tests.conftest import VENV_BIN
+    from tests.helpers import VENV_BIN
 
     client = daemon.client()
     client.create_volume("data")

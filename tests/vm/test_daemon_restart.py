@@ -13,8 +13,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from tests.integration.conftest import Daemon
-from tests.vm.conftest import Domains
+from tests.helpers import Daemon
+from tests.vm.helpers import Domains
 from tests.vm.test_guest_policies import alive, qemu_for, wait_for
 from tests.vm.test_libvirt_driver import volume_dir
 from vmdriver.libvirt_driver import LibvirtDriver

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import URI, Domains, TestDomain
+from tests.vm.helpers import URI, Domains, TestDomain
 from tests.vm.test_libvirt_driver import INACTIVE
 from vmdriver import domain_xml as dx
 from vmdriver.driver import DomainBusy

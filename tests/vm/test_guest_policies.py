@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from guest.processes import processes_naming
-from tests.integration.conftest import Daemon
-from tests.vm.conftest import URI, Domains, virtiofsd_serving
+from tests.helpers import Daemon
+from tests.vm.helpers import URI, Domains, virtiofsd_serving
 from tests.vm.test_libvirt_driver import virtiofsd_running, volume_dir
 from vmdriver.libvirt_driver import LibvirtDriver
 from volumed.client import Client

@@ -19,9 +19,8 @@ import libvirt
 import pytest
 import trio
 
-from tests.conftest import REPO, VENV_BIN
-from tests.integration.conftest import Daemon
-from tests.vm.conftest import URI, Domains, TestDomain
+from tests.helpers import REPO, VENV_BIN, Daemon
+from tests.vm.helpers import URI, Domains, TestDomain
 from vmdriver import domain_xml as dx
 from vmdriver.cli import main_vm
 from vmdriver.driver import DeviceRemovalTimeout, HypervisorError, LifecycleEvent, Scope

@@ -22,9 +22,8 @@ import trio
 
 from guest.build import GuestImage
 from guest.domain import ensure_libvirt
-from tests.conftest import VENV_BIN
-from tests.integration.conftest import Daemon
-from tests.vm.conftest import URI, Domains, TestDomain, gone
+from tests.helpers import VENV_BIN, Daemon
+from tests.vm.helpers import URI, Domains, TestDomain, gone
 from vmdriver.driver import HypervisorUnavailable, LifecycleEvent, Scope
 from vmdriver.libvirt_driver import LibvirtDriver
 from vmdriver.libvirt_watch import watch

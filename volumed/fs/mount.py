@@ -10,6 +10,7 @@ import pyfuse3
 import trio
 
 from volumed.fs.operations import BoxvolFS
+from volumed.mounts import parse_mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +28,8 @@ MOUNT_OPTIONS = frozenset(
 def mounted_at(mountpoint: str) -> bool:
     """True if something is mounted exactly at ``mountpoint`` (per /proc/self/mountinfo)."""
     target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo", "rb") as table:
-        for line in table:
-            fields = line.split()
-            if len(fields) > 4 and _unescape(fields[4]) == target:
-                return True
-    return False
-
-
-def _unescape(field: bytes) -> str:
-    return (
-        field.decode("utf-8", "surrogateescape")
-        .replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-    )
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+        return any(entry.mount_point == target for entry in parse_mountinfo(table.read()))
 
 
 def detach_stale_mount(mountpoint: str) -> bool:

@@ -1,0 +1,130 @@
+"""Helpers of the real-guest tests (imported by them and by their conftest)."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from guest.build import GuestImage
+from guest.domain import guest_domain_xml
+from guest.processes import processes_naming
+
+URI = "qemu:///system"
+DOMAIN_PREFIX = "boxvol-test-"
+MARKER = "BOXVOL-GUEST: "
+#: Host-side limit for one guest's life; TCG boots take 5-15 s here, more under load.
+GUEST_TIMEOUT = 180.0
+
+
+def virtiofsd_serving(*paths: Path) -> dict[int, str]:
+    """virtiofsd processes whose command line names one of ``paths`` (pid -> command)."""
+    return processes_naming(*(str(p) for p in paths), program="virtiofsd")
+
+
+class TestDomain:
+    """One persistent test domain and its console."""
+
+    __test__ = False  # not a test class, whatever its name says
+
+    def __init__(self, conn: Any, name: str, console_log: Path) -> None:
+        self.conn = conn
+        self.name = name
+        self.console_log = console_log
+
+    @property
+    def dom(self) -> Any:
+        return self.conn.lookupByName(self.name)
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        self.dom.create()
+
+    def console(self) -> str:
+        try:
+            text = self.console_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return text.replace("\r", "")
+
+    def markers(self) -> list[str]:
+        return [ln.split(MARKER, 1)[1] for ln in self.console().splitlines() if MARKER in ln]
+
+    def lines_with(self, prefix: str) -> list[str]:
+        return [ln.split(prefix, 1)[1] for ln in self.console().splitlines() if prefix in ln]
+
+    def wait_console(self, text: str, timeout: float = GUEST_TIMEOUT) -> float:
+        """Wait for ``text`` on the console; returns when it came (monotonic)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.console():
+            if not self.dom.isActive():
+                raise AssertionError(f"{self.name} stopped before {text!r}:\n{self.console()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} from {self.name}:\n{self.console()[-3000:]}")
+            time.sleep(0.05)
+        return time.monotonic()
+
+    def wait_stopped(self, timeout: float = GUEST_TIMEOUT) -> float:
+        """Wait for the guest to power off; returns the seconds since ``start``."""
+        deadline = time.monotonic() + timeout
+        while self.dom.isActive():
+            if time.monotonic() > deadline:
+                self.dom.destroy()
+                raise AssertionError(f"{self.name} still running:\n{self.console()[-3000:]}")
+            time.sleep(0.1)
+        return time.monotonic() - self.started
+
+    def check_done(self) -> None:
+        """The guest ran its script to exit 0 and powered off cleanly."""
+        markers = self.markers()
+        errors = [m for m in markers if m.startswith("error:")]
+        assert not errors and markers and markers[-1] == "done", self.console()
+        assert "script exit=0" in markers, self.console()
+
+
+#: The test guest's definition (shared with the demo).
+domain_xml = guest_domain_xml
+
+
+def gone(conn: Any, name: str) -> bool:
+    try:
+        conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return True
+        raise
+    return False
+
+
+class Domains:
+    """Defines test domains and removes every one of them afterwards."""
+
+    def __init__(self, conn: Any, image: GuestImage, workdir: Path) -> None:
+        self.conn = conn
+        self.image = image
+        self.workdir = workdir
+        self.names: list[str] = []
+
+    def define(self, *, script: str, timeout: int = 120) -> TestDomain:
+        name = f"{DOMAIN_PREFIX}{secrets.token_hex(4)}"
+        console_log = self.workdir / f"{name}.console.log"
+        self.names.append(name)
+        self.conn.defineXML(
+            domain_xml(name, self.image, console_log, script=script, timeout=timeout)
+        )
+        return TestDomain(self.conn, name, console_log)
+
+    def cleanup(self) -> None:
+        for name in self.names:
+            try:
+                dom = self.conn.lookupByName(name)
+            except libvirt.libvirtError:
+                continue
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.undefine()
