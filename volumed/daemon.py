@@ -157,7 +157,9 @@ async def serve_boxvold(
         stack.callback(_unlink_quietly, config.socket_path)
         stack.callback(listener.close)
 
-        server = HttpServer(create_app(service), fit_limits(config.limits))
+        server = HttpServer(
+            create_app(service), fit_limits(config.limits), unqueued=UNQUEUED_PATHS
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_fuse, fs, mount_root)
             await nursery.start(service.exports.serve)
@@ -174,6 +176,9 @@ async def serve_boxvold(
             task_status.started(config.socket_path)
             await trio.sleep_forever()
 
+
+#: Answered even while the API is saturated: what probes and operators ask first.
+UNQUEUED_PATHS = frozenset({"/v1/health", "/v1/version"})
 
 #: File descriptors kept for everything but API connections: the registry, volume roots,
 #: FUSE inodes and open files, vhost-user sockets, pipes to virtiofsd.
