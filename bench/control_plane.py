@@ -7,9 +7,14 @@ operations called directly on ``volumed.store.VolumeStore`` in this process (no 
 JSON, no thread hops), so the report shows the API's overhead as a ratio rather than as
 absolute numbers that only mean something on one machine.
 
-Targets (issue: control plane on a 2-core host): >= 300 creates/s through the API, and a
-listing of 10,000 volumes answered in < 200 ms (p95). A benchmark reports, it does not
-test: the exit code is 0 whether or not a target is met (1 only if the run itself failed).
+A third part measures responsiveness: ``GET /v1/health`` sampled every 10 ms while another
+process runs 20 ``df`` and 1,000 concurrent listings against the same daemon, beside the
+same sampling with the daemon idle (the baseline, same run, same daemon).
+
+Targets (on a 2-core host): >= 300 creates/s through the API, a listing of 10,000 volumes
+answered in < 200 ms (p95), and ``health`` p99 < 100 ms under that load. A benchmark
+reports, it does not test: the exit code is 0 whether or not a target is met (1 only if the
+run itself failed).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -39,6 +46,11 @@ STOP_TIMEOUT = 15.0
 
 CREATE_TARGET_OPS = 300.0
 LIST_TARGET_MS = 200.0
+HEALTH_TARGET_MS = 100.0
+#: How often the responsiveness probe calls ``GET /v1/health``.
+HEALTH_INTERVAL = 0.01
+#: Samples of the idle daemon's ``health`` (the responsiveness baseline).
+HEALTH_BASELINE_SAMPLES = 200
 
 
 # -- the daemon under test -----------------------------------------------------------------
@@ -216,6 +228,14 @@ class Results:
     base: dict[str, Phase] = dataclasses.field(default_factory=dict)
     api_list: list[float] = dataclasses.field(default_factory=list)
     base_list: list[float] = dataclasses.field(default_factory=list)
+    busy_volumes: int = 200
+    busy_files: int = 25
+    load_dfs: int = 20
+    load_lists: int = 1000
+    load_rounds: int = 3
+    health_idle: list[float] = dataclasses.field(default_factory=list)
+    health_loaded: list[float] = dataclasses.field(default_factory=list)
+    load_wall: float = 0.0
 
 
 # -- the benchmark -------------------------------------------------------------------------
@@ -270,14 +290,90 @@ def measure_baseline_list(home: str, results: Results) -> None:
         store.close()
 
 
+def sample_health(client: Client, until: Callable[[], bool]) -> list[float]:
+    """Latencies (seconds) of ``health`` calls, one every ``HEALTH_INTERVAL``, until
+    ``until()`` is true."""
+    latencies = []
+    while not until():
+        start = time.perf_counter()
+        client.health()
+        latencies.append(time.perf_counter() - start)
+        time.sleep(HEALTH_INTERVAL)
+    return latencies
+
+
+def _ended(process: multiprocessing.process.BaseProcess) -> bool:
+    return not process.is_alive()
+
+
+def generate_load(socket_path: str, dfs: int, lists: int) -> None:
+    """Start ``dfs`` ``df`` calls and ``lists`` listings at once, one thread and connection
+    each, and wait for all of them. Runs in a process of its own, so the load's threads do
+    not compete with the probe for this process's interpreter."""
+    failures: list[BaseException] = []
+
+    def call(op: Callable[[Client], object]) -> None:
+        try:
+            op(Client(socket_path, timeout=120.0))
+        except BaseException as exc:  # reported below, the exit status says it failed
+            failures.append(exc)
+
+    threads = [threading.Thread(target=call, args=(Client.disk_usage,)) for _ in range(dfs)]
+    threads += [threading.Thread(target=call, args=(Client.list_volumes,)) for _ in range(lists)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        sys.stderr.write(f"control_plane: {len(failures)} load calls failed: {failures[0]!r}\n")
+        sys.exit(1)
+
+
+def measure_responsiveness(socket_path: str, home: str, results: Results) -> None:
+    """``health`` latencies with the daemon idle, then while another process loads it
+    (``load_rounds`` loads one after another, their samples pooled: one load lasts about
+    2 s, too few samples for a p99 of their own)."""
+    client = Client(socket_path, timeout=60.0)
+    for index in range(results.busy_volumes):
+        name = f"busy-{index:04d}"
+        client.create_volume(name)
+        directory = os.path.join(home, "volumes", "named", name)
+        for number in range(results.busy_files):
+            with open(os.path.join(directory, f"file-{number:03d}"), "wb") as f:
+                f.write(b"x" * 4096)
+    client.health()  # warm-up
+    samples = iter(range(HEALTH_BASELINE_SAMPLES))
+    results.health_idle = sample_health(client, lambda: next(samples, None) is None)
+
+    for _ in range(results.load_rounds):
+        load = multiprocessing.get_context("spawn").Process(
+            target=generate_load, args=(socket_path, results.load_dfs, results.load_lists)
+        )
+        start = time.perf_counter()
+        load.start()
+        try:
+            results.health_loaded += sample_health(client, functools.partial(_ended, load))
+        finally:
+            load.join()
+        results.load_wall += time.perf_counter() - start
+        if load.exitcode != 0:
+            raise RuntimeError(f"the load process failed (exit status {load.exitcode})")
+
+
 def run_benchmark(results: Results) -> None:
-    """Baseline first, then the daemon, then the in-process listing over its (stopped) home."""
+    """Baseline first, then the daemon, then the in-process listing over its (stopped) home,
+    then the responsiveness probe on a second daemon."""
     names = [f"bench-{i:06d}" for i in range(results.volumes)]
     with tempfile.TemporaryDirectory(prefix="boxvol-bench-") as tmp:
         measure_baseline(os.path.join(tmp, "baseline-home"), names, results)
         with running_daemon(tmp) as socket_path:
             measure_api(socket_path, names, results)
         measure_baseline_list(os.path.join(tmp, "home"), results)
+    with (
+        tempfile.TemporaryDirectory(prefix="boxvol-bench-") as tmp,
+        running_daemon(tmp) as socket_path,
+    ):
+        measure_responsiveness(socket_path, os.path.join(tmp, "home"), results)
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -321,8 +417,27 @@ def format_report(results: Results) -> str:
             f"{'list':<9}{label:<10}{api_ms:>12.2f}{base_ms:>12.2f}{_ratio(api_ms, base_ms):>14}"
         )
     out.append("")
+    out.append(
+        f"health every {HEALTH_INTERVAL * 1000:.0f} ms ({results.busy_volumes} volumes of "
+        f"{results.busy_files} files); loaded: while another process ran {results.load_dfs} df "
+        f"and {results.load_lists} listings at once, {results.load_rounds} times "
+        f"({results.load_wall:.1f} s, {len(results.health_loaded)} samples); baseline: the "
+        "same daemon idle"
+    )
+    health_header = f"{'probe':<9}{'metric':<10}{'loaded':>12}{'idle':>12}{'loaded/idle':>14}"
+    out.append(health_header)
+    out.append("-" * len(health_header))
+    for label, pct in (("p50 ms", 50.0), ("p95 ms", 95.0), ("p99 ms", 99.0), ("max ms", 100.0)):
+        loaded_ms = percentile(results.health_loaded, pct) * 1000.0
+        idle_ms = percentile(results.health_idle, pct) * 1000.0
+        out.append(
+            f"{'health':<9}{label:<10}{loaded_ms:>12.2f}{idle_ms:>12.2f}"
+            f"{_ratio(loaded_ms, idle_ms):>14}"
+        )
+    out.append("")
     create_ops = results.api["create"].ops_per_s
     list_p95 = percentile(results.api_list, 95.0) * 1000.0
+    health_p99 = percentile(results.health_loaded, 99.0) * 1000.0
     targets = [
         (
             f"API creates/s >= {CREATE_TARGET_OPS:.0f}",
@@ -333,6 +448,11 @@ def format_report(results: Results) -> str:
             f"API list of {results.list_volumes} p95 < {LIST_TARGET_MS:.0f} ms",
             f"{list_p95:.1f} ms",
             list_p95 < LIST_TARGET_MS,
+        ),
+        (
+            f"health p99 under load < {HEALTH_TARGET_MS:.0f} ms",
+            f"{health_p99:.1f} ms",
+            health_p99 < HEALTH_TARGET_MS,
         ),
     ]
     target_header = f"{'target':<40}{'measured':>12}  result"
@@ -366,6 +486,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--list-repeats", type=positive_int, default=20, help="listings to time")
     parser.add_argument("--workers", type=positive_int, default=8, help="API client threads")
+    parser.add_argument(
+        "--busy-volumes", type=positive_int, default=200, help="volumes present under load"
+    )
+    parser.add_argument(
+        "--busy-files", type=positive_int, default=25, help="files in each of those volumes"
+    )
+    parser.add_argument("--load-dfs", type=positive_int, default=20, help="df calls in the load")
+    parser.add_argument(
+        "--load-lists", type=positive_int, default=1000, help="concurrent listings in the load"
+    )
+    parser.add_argument(
+        "--load-rounds", type=positive_int, default=3, help="loads, one after another, sampled"
+    )
     return parser
 
 
@@ -378,6 +511,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         list_volumes=args.list_volumes,
         list_repeats=args.list_repeats,
         workers=args.workers,
+        busy_volumes=args.busy_volumes,
+        busy_files=args.busy_files,
+        load_dfs=args.load_dfs,
+        load_lists=args.load_lists,
+        load_rounds=args.load_rounds,
     )
     try:
         run_benchmark(results)

@@ -157,9 +157,7 @@ async def serve_boxvold(
         stack.callback(_unlink_quietly, config.socket_path)
         stack.callback(listener.close)
 
-        server = HttpServer(
-            create_app(service), fit_limits(config.limits), unqueued=UNQUEUED_PATHS
-        )
+        server = HttpServer(create_app(service), fit_limits(config.limits), unqueued=UNQUEUED_PATHS)
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_fuse, fs, mount_root)
             await nursery.start(service.exports.serve)

@@ -77,7 +77,9 @@ class ServerLimits:
     max_body_bytes: int = 1 << 20
     #: Requests inside the app at once; the rest wait their turn in order, parked (not in
     #: trio's run queue), so a request that skips the queue is scheduled at once.
-    max_active_requests: int = 16
+    #: 4 on two cores: with 16, health's p99 under 1,000 listings was 100-180 ms; with 4,
+    #: 40-80 ms (bench/control_plane.py).
+    max_active_requests: int = 4
 
 
 def server_bounds_text(limits: ServerLimits) -> str:

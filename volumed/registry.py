@@ -118,6 +118,10 @@ class Registry:
             ) from exc
         self._lock = threading.Lock()
         self.path = path
+        #: The number of volume rows, kept in memory so that ``count`` (health) never waits
+        #: behind a listing for the database; changed only after a commit.
+        (self._count,) = self._db.execute("SELECT COUNT(*) FROM volumes").fetchone()
+        self._count_lock = threading.Lock()
 
     def close(self) -> None:
         """Close the database (checkpointing the WAL)."""
@@ -172,14 +176,20 @@ class Registry:
                     f"with 'boxvol rm {volume.key}'"
                 ) from None
             yield
+        self._counted(1)
 
     @contextlib.contextmanager
     def deleting(self, volume_id: str) -> Iterator[None]:
         """Delete a volume's row and its export rows; commit only if the body succeeds."""
         with self._transaction():
             self._db.execute("DELETE FROM exports WHERE volume_id = ?", (volume_id,))
-            self._db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
+            removed = self._db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,)).rowcount
             yield
+        self._counted(-removed)
+
+    def _counted(self, delta: int) -> None:
+        with self._count_lock:
+            self._count += delta
 
     def by_id(self, volume_id: str) -> Volume | None:
         """The volume with exactly this id (case-insensitive), if any."""
@@ -209,10 +219,8 @@ class Registry:
         return [_row_to_volume(row) for row in rows]
 
     def count(self) -> int:
-        """How many volumes there are."""
-        with self._lock:
-            (total,) = self._db.execute("SELECT COUNT(*) FROM volumes").fetchone()
-        return int(total)
+        """How many volumes there are (from memory: never waits for the database)."""
+        return int(self._count)
 
     def select(self, where: ListFilter) -> list[tuple[Volume, int]]:
         """Volumes passing ``where`` with their live export counts, oldest first."""

@@ -305,3 +305,22 @@ def test_a_failed_registry_write_leaves_the_registry_usable(store: VolumeStore) 
     with pytest.raises(StorageError, match="refused a write"), store.registry.deleting("x"):
         raise sqlite3.OperationalError("disk I/O error")
     assert store.create(name="after").name == "after"
+
+
+def test_volume_count_follows_commits_only(home: Path) -> None:
+    """health's count is kept in memory: it moves with committed creates and removes, not
+    with a refused create, and a reopened store counts what the database holds."""
+    store = VolumeStore.open(str(home))
+    store.create(name="a")
+    store.create()
+    with pytest.raises(AlreadyExists):
+        store.create(name="a")
+    assert store.registry.count() == 2
+    store.remove("a")
+    assert store.registry.count() == 1
+    store.close()
+    reopened = VolumeStore.open(str(home))
+    try:
+        assert reopened.registry.count() == 1
+    finally:
+        reopened.close()
