@@ -4,10 +4,12 @@
     boxvol vm attach DOMAIN -v SPEC [-v SPEC ...] [--live] [--config] [--via direct|fuse]
     boxvol vm detach DOMAIN (TARGET ... | -v SPEC ... | --all) [--live] [--config] [--timeout S]
     boxvol vm ls DOMAIN [-q] [--format table|json]
-    boxvol vm watch            (releases undefined domains' volumes; docs/vm-watch.md)
+    boxvol vm watch [--connect URI ...]  (releases ended VMs' volumes; docs/vm-watch.md)
     (every command takes --connect URI; the default is qemu:///system)
 
-A thin front end of ``vmdriver.libvirt_driver``. Every ``-v`` spec is parsed before anything
+The URI's scheme picks the backend (docs/backends.md): ``qmp:///PATH`` is a QEMU process's
+QMP socket, through ``vmdriver.attachments``; any other URI is libvirt's, through
+``vmdriver.libvirt_driver``. Every ``-v`` spec is parsed before anything
 else happens, and libvirt is imported only after that: a spec naming a host path
 (``/host:/guest``) exits 2 without libvirt or boxvold ever being touched.
 
@@ -17,6 +19,7 @@ Exit codes as for the rest of ``boxvol``: 0 success, 1 a failed operation, 2 a u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -27,13 +30,19 @@ from volumed import errors
 from volumed.text import print_table, printable
 
 if TYPE_CHECKING:
+    from vmdriver.attachments import Attachments
     from vmdriver.driver import Attachment, Scope
     from vmdriver.libvirt_driver import LibvirtDriver
+    from volumed.client import Client
 
 EXIT_OK = errors.EXIT_OK
 EXIT_FAILED = errors.EXIT_FAILED
 EXIT_USAGE = errors.EXIT_USAGE
 DEFAULT_URI = "qemu:///system"  # as vmdriver.libvirt_driver.DEFAULT_URI, without importing it
+CONNECT_HELP = (
+    f"the VMM to talk to (default {DEFAULT_URI}): a libvirt URI (qemu:///system), a QEMU "
+    "process's QMP socket (qmp:///run/myvm/qmp.sock)"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,20 +54,31 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``boxvol vm`` command line."""
-    parser = _Parser(prog="boxvol vm", description="Attach boxvol volumes to VMs (libvirt).")
+    parser = _Parser(
+        prog="boxvol vm",
+        description="Attach boxvol volumes to VMs: libvirt domains (--connect qemu:///system) "
+        "or QEMU processes over QMP (--connect qmp:///run/myvm/qmp.sock).",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    def command(name: str, help_: str, *, domain: bool = True) -> argparse.ArgumentParser:
+    def command(
+        name: str, help_: str, *, domain: bool = True, many: bool = False
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         if domain:
-            p.add_argument("domain", metavar="DOMAIN", help="libvirt domain name")
+            p.add_argument(
+                "domain",
+                metavar="DOMAIN",
+                help="libvirt domain name; for qmp:// the name boxvol records for that VM",
+            )
         p.add_argument(
             "--connect",
             "-c",
             metavar="URI",
-            default=DEFAULT_URI,
-            help=f"libvirt connection URI (default {DEFAULT_URI})",
+            action="append" if many else "store",
+            default=None if many else DEFAULT_URI,
+            help=CONNECT_HELP + ("; repeat to watch several" if many else ""),
         )
         return p
 
@@ -112,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     command(
         "watch",
-        "follow domain lifecycles; release undefined domains' volumes (also those undefined "
-        "while no watcher ran, at start and after reconnecting to libvirt)",
+        "follow VM lifecycles; release the volumes of VMs that end (also of those that ended "
+        "while no watcher ran, at start and after reconnecting)",
         domain=False,
+        many=True,
     )
     return parser
 
@@ -127,12 +148,28 @@ def _scope(args: argparse.Namespace) -> Scope | None:
     return Scope(live=args.live, config=args.config)
 
 
-def _driver(uri: str) -> LibvirtDriver:
-    from vmdriver.libvirt_driver import LibvirtDriver
+def _client() -> Client:
     from volumed import locations
     from volumed.client import Client
 
-    return LibvirtDriver(Client(locations.socket_path(os.environ, os.geteuid())), uri)
+    return Client(locations.socket_path(os.environ, os.geteuid()))
+
+
+def _libvirt_driver(uri: str) -> LibvirtDriver:
+    from vmdriver.libvirt_driver import LibvirtDriver
+
+    return LibvirtDriver(_client(), uri)
+
+
+def _driver(uri: str) -> LibvirtDriver | Attachments:
+    """The attach workflow for ``uri``'s backend."""
+    from vmdriver.backends import registry
+
+    if registry.scheme(uri) == "libvirt":
+        return _libvirt_driver(uri)
+    from vmdriver.attachments import Attachments
+
+    return Attachments(_client(), registry.open_backend(uri))
 
 
 def _state(a: Attachment) -> str:
@@ -185,7 +222,15 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             out.writelines(printable(f"{a.tag}  {a.guest_path}") + "\n" for a in done)
         return EXIT_OK
     if args.command == "prepare":
-        with _driver(args.connect) as driver:
+        from vmdriver.backends import registry
+
+        if registry.scheme(args.connect) != "libvirt":
+            raise errors.InvalidArgument(
+                "prepare changes a libvirt domain's definition; a QEMU started by another tool "
+                "needs shared memory and spare pcie-root-ports on its own command line "
+                "(docs/backends.md)"
+            )
+        with _libvirt_driver(args.connect) as driver:
             if args.spare_root_ports is None:
                 result = driver.prepare(args.domain)
             else:
@@ -211,13 +256,13 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             _print_attachments(attachments, out)
         return EXIT_OK
     if args.command == "watch":
-        return _watch(args.connect, out)
+        return _watch(args.connect or [DEFAULT_URI], out)
     raise AssertionError(args.command)  # pragma: no cover - argparse allows no other
 
 
-def _watch(uri: str, out: TextIO) -> int:
-    """Run the lifecycle watcher until interrupted; what it releases goes to ``out``, what
-    it does about the connection (reconnection attempts) to the log on stderr."""
+def _watch(uris: Sequence[str], out: TextIO) -> int:
+    """Run one lifecycle watcher per URI, all until interrupted; what they release goes to
+    ``out``, what they do about connections (reconnection attempts) to the log on stderr."""
     import logging
     import signal
 
@@ -240,24 +285,38 @@ def _watch(uri: str, out: TextIO) -> int:
                 out.write(printable(f"{event.domain}: kept {volume_id}: {why}") + "\n")
             out.flush()
 
-    async def watch_until_stopped(driver: LibvirtDriver) -> None:
+    async def watch_until_stopped(drivers: Sequence[LibvirtDriver | Attachments]) -> None:
         # SIGTERM (systemd's stop) and SIGINT (Ctrl-C) end it cleanly, with status 0. Both
         # are handled here, not left to Python's defaults: a SIGINT that lands inside a
         # nursery would come out grouped, and a command started in the background inherits
         # SIGINT ignored.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(lambda task_status: watching(driver, task_status))
+                for driver in drivers:
+                    await nursery.start(watching, driver)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
 
-    async def watching(driver: LibvirtDriver, task_status: trio.TaskStatus[None]) -> None:
-        await driver.watch_lifecycle(on_event=report, task_status=task_status)
+    async def watching(
+        driver: LibvirtDriver | Attachments,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        if isinstance(driver, Attachments):
+            await driver.watch(report, task_status=task_status)
+        else:
+            await driver.watch_lifecycle(on_event=report, task_status=task_status)
 
-    with _driver(uri) as driver:
+    from vmdriver.attachments import Attachments
+
+    with contextlib.ExitStack() as stack:
+        drivers: list[LibvirtDriver | Attachments] = []
+        for uri in dict.fromkeys(uris):
+            driver = _driver(uri)
+            stack.callback(driver.close)
+            drivers.append(driver)
         try:
-            trio.run(watch_until_stopped, driver)
+            trio.run(watch_until_stopped, drivers)
         except BaseExceptionGroup as group:
             # A failure at start (libvirtd or boxvold unreachable) comes out of the nursery
             # as a group of one: report it like any other error.

@@ -37,6 +37,7 @@ import libvirt
 import trio
 
 from vmdriver import domain_xml as dx
+from vmdriver.attachments import select
 from vmdriver.driver import (
     VIAS,
     Attachment,
@@ -638,7 +639,7 @@ class LibvirtDriver:
         with self._changing(domain) as state:
             scope = state.scope(scope)
             attachments = self._attachments(state)
-            chosen = _select(domain, attachments, targets)
+            chosen = select(domain, attachments, targets)
             done = []
             for attachment in chosen:
                 self._detach_one(state, attachment, scope, timeout)
@@ -923,21 +924,3 @@ def _deregister(conn: Any, callback_id: int) -> None:
 
 def _device(xml: str, tag: str) -> dx.FilesystemDevice | None:
     return next((fs for fs in dx.filesystems(xml) if fs.tag == tag), None)
-
-
-def _select(domain: str, attachments: list[Attachment], targets: Sequence[str]) -> list[Attachment]:
-    """The attachments named by tag or guest path; all of them if no target is given.
-    Every target is resolved before anything is detached."""
-    if not targets:
-        return attachments
-    chosen: list[Attachment] = []
-    for target in targets:
-        match = [a for a in attachments if target in (a.tag, a.guest_path)]
-        if not match:
-            known = ", ".join(f"{a.tag} ({a.guest_path or '?'})" for a in attachments) or "none"
-            raise AttachmentNotFound(
-                f"{domain} has no boxvol attachment with tag or guest path {target!r}; "
-                f"attached: {known}"
-            )
-        chosen += [a for a in match if a not in chosen]
-    return chosen

@@ -471,7 +471,15 @@ def _export_target(body: CreateExport) -> tuple[VirtiofsTarget | None, str | Non
         raise errors.InvalidArgument(
             "an ownership mapping is a FUSE view policy: give via 'fuse' with 'owner'"
         )
-    return VirtiofsTarget(vm=body.consumer.vm, tag=body.consumer.tag, via=via), None
+    consumer = body.consumer
+    return VirtiofsTarget(
+        vm=consumer.vm,
+        tag=consumer.tag,
+        via=via,
+        backend=consumer.backend,
+        instance=consumer.instance,
+        guest_path=consumer.guest_path,
+    ), None
 
 
 def _disk_usage(store: VolumeStore) -> dict[str, Any]:

@@ -30,8 +30,7 @@ from volumed.exports import (
     VirtiofsTarget,
     check_consumer,
     check_policy,
-    check_tag,
-    check_vm_name,
+    check_target,
 )
 from volumed.fs.nodes import ExportState
 from volumed.fs.operations import BoxvolFS
@@ -71,7 +70,7 @@ class LiveExport:
         }
         target = self.export.virtiofs
         if target is not None:
-            body["consumer"] = {"vm": target.vm, "tag": target.tag}
+            body["consumer"] = target.consumer_json()
             body.update(via=target.via, tag=target.tag, socket=self.socket)
             body["virtiofsd"] = self.supervisor.status() if self.supervisor else None
         return body
@@ -228,8 +227,7 @@ class ExportManager:
         check_policy(policy)
         check_consumer(consumer)
         if virtiofs is not None:
-            check_vm_name(virtiofs.vm)
-            check_tag(virtiofs.tag)
+            check_target(virtiofs)
         async with self.lock:
             if virtiofs is not None:
                 self._check_tag_free(virtiofs)
@@ -271,7 +269,7 @@ class ExportManager:
     def _check_tag_free(self, target: VirtiofsTarget) -> None:
         for live in self._live.values():
             other = live.export.virtiofs
-            if other is not None and (other.vm, other.tag) == (target.vm, target.tag):
+            if other is not None and (other.guest, other.tag) == (target.guest, target.tag):
                 raise Conflict(
                     f"VM {target.vm!r} already has an export tagged {target.tag!r} "
                     f"({live.export.id}); pick another tag or remove that export first"

@@ -41,6 +41,32 @@ VM_NAME = TextRule(
     MAX_VM_NAME_CHARS,
     rule=(f"give the domain's name: 1 to {MAX_VM_NAME_CHARS} characters, no '/', {SAFE_TEXT_RULE}"),
 )
+#: The VMM connection an attachment was made through, as ``boxvol vm --connect`` took it
+#: (``qemu:///system``, ``qmp:///run/vm/qmp.sock``, ``ch:///run/vm/api.sock``).
+BACKEND_URI = TextRule(
+    "backend URI",
+    rf"^[A-Za-z][A-Za-z0-9+.-]*:[^\s{UNSAFE_CHARS}]*$",
+    512,
+    rule="a VMM connection URI (SCHEME:...), up to 512 characters without spaces or controls",
+)
+#: What identifies one VM instance on its backend (libvirt's UUID; pid=N,start=T).
+VM_INSTANCE = TextRule(
+    "VM instance",
+    r"^[A-Za-z0-9=,._:-]+$",
+    128,
+    rule="a VM instance id: 1 to 128 letters, digits and '=,._:-'",
+)
+MAX_GUEST_PATH_CHARS = 4096
+#: Where the guest mounts an attachment (recorded for ``boxvol vm ls``; never a host path).
+GUEST_PATH = TextRule(
+    "guest path",
+    f"^/[^{UNSAFE_CHARS}]*$",
+    MAX_GUEST_PATH_CHARS,
+    rule=(
+        f"an absolute path in the guest, up to {MAX_GUEST_PATH_CHARS} characters, "
+        f"{SAFE_TEXT_RULE}"
+    ),
+)
 MAX_ID = (1 << 32) - 2  # uid/gid 4294967295 is (uid_t)-1, "no change"
 
 
@@ -147,6 +173,24 @@ def check_vm_name(vm: str) -> str:
     return VM_NAME.check(vm)
 
 
+def check_target(target: VirtiofsTarget) -> VirtiofsTarget:
+    """Return ``target`` if each of its fields holds to its rule, else raise InvalidArgument;
+    a record names its backend and its VM instance together or neither."""
+    check_vm_name(target.vm)
+    check_tag(target.tag)
+    if (target.backend is None) != (target.instance is None):
+        raise InvalidArgument(
+            "an attachment record names both the backend and the VM instance, or neither"
+        )
+    if target.backend is not None:
+        BACKEND_URI.check(target.backend)
+    if target.instance is not None:
+        VM_INSTANCE.check(target.instance)
+    if target.guest_path is not None:
+        GUEST_PATH.check(target.guest_path)
+    return target
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class VirtiofsTarget:
     """Which guest a virtio-fs export is for, and the tag it appears under there."""
@@ -157,6 +201,28 @@ class VirtiofsTarget:
     #: export's FUSE view, so the FUSE policy applies. Read-only always goes through the
     #: FUSE view: libvirt 9.0 ignores <readonly/> for an external virtiofsd.
     via: Via = "direct"
+    #: The attachment record ``boxvol vm`` keeps here (vmdriver.attachments): the VMM
+    #: connection, the VM instance on it and the guest path. None for a bare export.
+    backend: str | None = None
+    instance: str | None = None
+    guest_path: str | None = None
+
+    @property
+    def guest(self) -> tuple[str | None, str]:
+        """Who the tag must be unique for: the VM instance on its backend when recorded (two
+        VMs of one name on two VMMs are two guests), else the VM's name."""
+        if self.backend is not None and self.instance is not None:
+            return (self.backend, self.instance)
+        return (None, self.vm)
+
+    def consumer_json(self) -> dict[str, Any]:
+        """The API's ``consumer`` of this export: the record fields only when set."""
+        body: dict[str, Any] = {"vm": self.vm, "tag": self.tag}
+        for field in ("backend", "instance", "guest_path"):
+            value = getattr(self, field)
+            if value is not None:
+                body[field] = value
+        return body
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -205,5 +271,12 @@ class Export:
                 vm=str(target["vm"]),
                 tag=str(target["tag"]),
                 via="fuse" if target.get("via") == "fuse" else "direct",
+                backend=_optional_text(target.get("backend")),
+                instance=_optional_text(target.get("instance")),
+                guest_path=_optional_text(target.get("guest_path")),
             ),
         )
+
+
+def _optional_text(value: object) -> str | None:
+    return value if isinstance(value, str) else None

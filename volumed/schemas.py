@@ -13,7 +13,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from pydantic.json_schema import WithJsonSchema
 from pydantic_core import PydanticCustomError
 
-from volumed.exports import EXPORT_ID, MAX_ID, TAG, VM_NAME
+from volumed.exports import BACKEND_URI, EXPORT_ID, GUEST_PATH, MAX_ID, TAG, VM_INSTANCE, VM_NAME
 from volumed.names import (
     CONSUMER,
     LABEL_FILTER,
@@ -99,6 +99,9 @@ ReferenceText = Annotated[
 ConsumerText = Annotated[str, *_text(CONSUMER)]
 VmText = Annotated[str, *_text(VM_NAME)]
 TagText = Annotated[str, *_text(TAG)]
+BackendUriText = Annotated[str, *_text(BACKEND_URI)]
+VmInstanceText = Annotated[str, *_text(VM_INSTANCE)]
+GuestPathText = Annotated[str, *_text(GUEST_PATH)]
 ExportIdText = Annotated[str, *_text(EXPORT_ID)]
 Labels = Annotated[
     dict[str, str],
@@ -173,6 +176,17 @@ class VirtiofsConsumer(Request):
 
     vm: VmText = Field(description="Domain name.")
     tag: TagText = Field(description="virtio-fs tag in the guest.")
+    backend: BackendUriText | None = Field(
+        default=None,
+        description="The VMM connection the attachment was made through (boxvol vm --connect); "
+        "given together with instance.",
+    )
+    instance: VmInstanceText | None = Field(
+        default=None, description="The VM instance on that backend (libvirt UUID; pid=N,start=T)."
+    )
+    guest_path: GuestPathText | None = Field(
+        default=None, description="Where the guest mounts the share (a path in the guest)."
+    )
 
 
 class CreateExport(Request):
@@ -213,10 +227,13 @@ class ExportOwner(BaseModel):
 
 
 class ExportConsumer(BaseModel):
-    """The guest of a virtio-fs export."""
+    """The guest of a virtio-fs export, and the attachment record if one was given."""
 
     vm: str
     tag: str
+    backend: str | None = None
+    instance: str | None = None
+    guest_path: str | None = None
 
 
 class VirtiofsdStatus(BaseModel):
