@@ -99,13 +99,20 @@ class QmpConnection:
                 )
             if greeting is None or "QMP" not in greeting:
                 raise HypervisorError(f"{path} does not speak QMP (its first message: {greeting})")
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(connection._read_loop)
-                try:
-                    await connection.execute("qmp_capabilities")
-                    yield connection
-                finally:
-                    nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(connection._read_loop)
+                    try:
+                        await connection.execute("qmp_capabilities")
+                        yield connection
+                    finally:
+                        nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The caller's error, raised inside the block, comes out grouped with nothing
+                # else (the reader was cancelled): hand it on as itself.
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import secrets
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -128,3 +130,108 @@ class Domains:
                 dom.destroy()
             with contextlib.suppress(libvirt.libvirtError):
                 dom.undefine()
+
+
+class QemuGuest:
+    """The test guest in a QEMU process of the test's own (no libvirt): q35, TCG, guest RAM
+    in shared memory (or not, with ``shared_memory=False``), ``root_ports`` free
+    pcie-root-ports, and a QMP socket, as a sandbox runtime would start it."""
+
+    __test__ = False
+
+    def __init__(
+        self,
+        image: GuestImage,
+        workdir: Path,
+        *,
+        script: str,
+        timeout: int = 300,
+        shared_memory: bool = True,
+        root_ports: int = 2,
+    ) -> None:
+        self.qmp_socket = workdir / f"qmp-{secrets.token_hex(4)}.sock"
+        self.console_log = workdir / f"console-{secrets.token_hex(4)}.log"
+        words = [
+            "console=ttyS0",
+            "panic=-1",
+            f"boxvol.timeout={timeout}",
+            f"boxvol.script64={base64.b64encode(script.encode()).decode()}",
+        ]
+        machine = "q35,accel=tcg"
+        memory = ["-m", "256M"]
+        if shared_memory:
+            machine += ",memory-backend=mem"
+            memory += ["-object", "memory-backend-memfd,id=mem,size=256M,share=on"]
+        ports = []
+        for n in range(1, root_ports + 1):
+            ports += ["-device", f"pcie-root-port,id=rp{n},chassis={n},slot={n}"]
+        self.command = [
+            "qemu-system-x86_64",
+            "-machine",
+            machine,
+            *memory,
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(image.kernel),
+            "-initrd",
+            str(image.initrd),
+            "-append",
+            " ".join(words),
+            "-serial",
+            f"file:{self.console_log}",
+            "-qmp",
+            f"unix:{self.qmp_socket},server=on,wait=off",
+            *ports,
+        ]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"qmp://{self.qmp_socket}"
+
+    def start(self) -> None:
+        errors = self.console_log.with_suffix(".stderr")
+        with errors.open("wb") as stderr:
+            self.process = subprocess.Popen(
+                self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+        deadline = time.monotonic() + 30
+        while not self.qmp_socket.exists():
+            if self.process.poll() is not None:
+                raise AssertionError(f"QEMU exited: {errors.read_text()}")
+            assert time.monotonic() < deadline, "QEMU made no QMP socket in 30 s"
+            time.sleep(0.05)
+
+    def console(self) -> str:
+        try:
+            return self.console_log.read_text(errors="replace").replace("\r", "")
+        except FileNotFoundError:
+            return ""
+
+    def markers(self) -> list[str]:
+        return [ln.split(MARKER, 1)[1] for ln in self.console().splitlines() if MARKER in ln]
+
+    def wait_console(self, text: str, timeout: float = GUEST_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.console():
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"QEMU ended before {text!r}:\n{self.console()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} from the guest:\n{self.console()[-3000:]}")
+            time.sleep(0.05)
+
+    def wait_stopped(self, timeout: float = GUEST_TIMEOUT) -> None:
+        assert self.process is not None
+        self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
