@@ -8,7 +8,8 @@
     (every command takes --connect URI; the default is qemu:///system)
 
 The URI's scheme picks the backend (docs/backends.md): ``qmp:///PATH`` is a QEMU process's
-QMP socket, through ``vmdriver.attachments``; any other URI is libvirt's, through
+QMP socket and ``ch:///PATH`` a Cloud Hypervisor API socket, through
+``vmdriver.attachments``; any other URI is libvirt's, through
 ``vmdriver.libvirt_driver``. Every ``-v`` spec is parsed before anything
 else happens, and libvirt is imported only after that: a spec naming a host path
 (``/host:/guest``) exits 2 without libvirt or boxvold ever being touched.
@@ -41,7 +42,8 @@ EXIT_USAGE = errors.EXIT_USAGE
 DEFAULT_URI = "qemu:///system"  # as vmdriver.libvirt_driver.DEFAULT_URI, without importing it
 CONNECT_HELP = (
     f"the VMM to talk to (default {DEFAULT_URI}): a libvirt URI (qemu:///system), a QEMU "
-    "process's QMP socket (qmp:///run/myvm/qmp.sock)"
+    "process's QMP socket (qmp:///run/myvm/qmp.sock), a Cloud Hypervisor API socket "
+    "(ch:///run/myvm/api.sock)"
 )
 
 
@@ -56,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``boxvol vm`` command line."""
     parser = _Parser(
         prog="boxvol vm",
-        description="Attach boxvol volumes to VMs: libvirt domains (--connect qemu:///system) "
-        "or QEMU processes over QMP (--connect qmp:///run/myvm/qmp.sock).",
+        description="Attach boxvol volumes to VMs: libvirt domains (--connect qemu:///system), "
+        "QEMU processes over QMP (--connect qmp:///run/myvm/qmp.sock) or Cloud Hypervisor "
+        "(--connect ch:///run/myvm/api.sock).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -70,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "domain",
                 metavar="DOMAIN",
-                help="libvirt domain name; for qmp:// the name boxvol records for that VM",
+                help="libvirt domain name; for qmp:// and ch://, the name boxvol records for it",
             )
         p.add_argument(
             "--connect",

@@ -1,5 +1,6 @@
-"""Which backend a ``--connect`` URI names, by its scheme: ``qmp://`` is QEMU over QMP, any
-other URI is libvirt's (``qemu:///system``, ``qemu+ssh://...``, ``test:///default``)."""
+"""Which backend a ``--connect`` URI names, by its scheme: ``qmp://`` is QEMU over QMP,
+``ch://`` Cloud Hypervisor, any other URI is libvirt's (``qemu:///system``,
+``qemu+ssh://...``, ``test:///default``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from vmdriver.backends.base import Backend
 EXAMPLES = {
     "libvirt": "qemu:///system",
     "qmp": "qmp:///run/myvm/qmp.sock",
+    "ch": "ch:///run/myvm/api.sock",
 }
 
 
 def scheme(uri: str) -> str:
-    """The backend a URI names: ``qmp`` or ``libvirt``."""
+    """The backend a URI names: ``qmp``, ``ch`` or ``libvirt``."""
     name = urllib.parse.urlsplit(uri).scheme
     return name if name in EXAMPLES and name != "libvirt" else "libvirt"
 
@@ -27,6 +29,10 @@ def open_backend(uri: str) -> Backend:
         from vmdriver.backends.qmp import QmpBackend
 
         return QmpBackend(uri)
+    if kind == "ch":
+        from vmdriver.backends.cloud_hypervisor import CloudHypervisorBackend
+
+        return CloudHypervisorBackend(uri)
     raise ValueError(f"{uri} is a libvirt URI")  # pragma: no cover - callers check scheme()
 
 
