@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 DEFAULT_REMOVAL_TIMEOUT = 60.0
 #: How long a rollback waits for a device it added to go again.
 ROLLBACK_REMOVAL_TIMEOUT = 30.0
+#: A VM instance that can name its lock file as it is.
+_LOCK_KEY = re.compile(r"[0-9a-fA-F-]{36}")
 #: How often the watcher reconciles besides its start (events can be missed).
 RECONCILE_EVERY = 60.0
 
@@ -168,7 +171,9 @@ class Attachments:
     def _changing(self, name: str) -> Iterator[VmRef]:
         """The VM, looked up again while this process holds its change lock."""
         vm = self.backend.lookup(name)
-        key = hashlib.sha256(f"{self.backend.uri}#{vm.instance}".encode()).hexdigest()[:32]
+        key = vm.instance  # libvirt's UUID names its lock file, as operators expect
+        if not _LOCK_KEY.fullmatch(key):
+            key = hashlib.sha256(f"{self.backend.uri}#{vm.instance}".encode()).hexdigest()[:32]
         with domain_lock(self.lock_dir, key, name, wait=self.lock_wait):
             yield self._vm(name)
 
@@ -247,8 +252,8 @@ class Attachments:
             chosen = self._scope(vm, scope)
             existing = self._attachments(vm)
             check_specs_against(parsed, existing)
-            self.backend.check_ready(vm, chosen, len(parsed))
-            taken = {a.tag for a in existing}
+            self.backend.check_ready(vm, chosen, [spec.guest_path for spec in parsed])
+            taken = {a.tag for a in existing} | vm.tags_in_use
             volumes = ensure_spec_volumes(
                 self.client,
                 list(parsed),
@@ -296,7 +301,17 @@ class Attachments:
             },
         )
         step.export = export
-        new = NewDevice(tag=tag, device_id=alias_for_tag(tag), socket=str(export["socket"]))
+        new = NewDevice(
+            tag=tag,
+            device_id=alias_for_tag(tag),
+            socket=str(export["socket"]),
+            guest_path=step.spec.guest_path,
+            read_only=step.spec.read_only,
+            export_id=str(export["id"]),
+            volume_id=str(step.volume["id"]),
+            volume_name=step.volume.get("name"),
+            via=via,
+        )
         log.info(
             "attaching %s to %s on %s as %s (%s)",
             step.volume["id"],

@@ -5,7 +5,7 @@ same workflow runs for real against QEMU in tests/vm/test_qmp_backend.py."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -63,7 +63,7 @@ class FakeBackend:
     def devices(self, vm: VmRef) -> list[Device]:
         return list(self._vm(vm).devices.values())
 
-    def check_ready(self, vm: VmRef, scope: Scope, count: int) -> None:
+    def check_ready(self, vm: VmRef, scope: Scope, guest_paths: Sequence[str]) -> None:
         if not self._vm(vm).ready:
             raise DomainNotPrepared("no shared memory")
 

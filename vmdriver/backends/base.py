@@ -11,7 +11,7 @@ Pure: no VMM library, no I/O at import time.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from vmdriver.driver import Scope
@@ -38,6 +38,8 @@ class VmRef:
     running: bool
     #: It has a definition that outlives the guest (libvirt only).
     persistent: bool
+    #: Every virtio-fs tag the VM uses, boxvol's or not: a new tag must differ from them.
+    tags_in_use: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -60,6 +62,14 @@ class NewDevice:
     tag: str
     device_id: str
     socket: str
+    #: What the device is for, for a backend that keeps a copy of the record next to the
+    #: device (libvirt's domain metadata, the kernel command line of a kernel-booted guest).
+    guest_path: str = ""
+    read_only: bool = False
+    export_id: str = ""
+    volume_id: str = ""
+    volume_name: str | None = None
+    via: str = "direct"
     queue_size: int = QUEUE_SIZE
     num_queues: int = NUM_QUEUES
 
@@ -87,18 +97,21 @@ class Backend(Protocol):
         """boxvol's vhost-user-fs devices of the VM."""
         ...
 
-    def check_ready(self, vm: VmRef, scope: Scope, count: int) -> None:
-        """Refuse, before anything changes, a VM that cannot take ``count`` more devices in
-        ``scope`` (no shared memory, no free hot-plug slot): DomainNotPrepared naming the fix."""
+    def check_ready(self, vm: VmRef, scope: Scope, guest_paths: Sequence[str]) -> None:
+        """Refuse, before anything changes, a VM that cannot take one more device per guest
+        path in ``scope`` (no shared memory, no free hot-plug slot): DomainNotPrepared naming
+        the fix."""
         ...
 
     def add_device(self, vm: VmRef, device: NewDevice, scope: Scope) -> None:
-        """Add the device; all or nothing (a half-added device is removed again)."""
+        """Add the device in ``scope``; all or nothing (a half-added device is removed
+        again)."""
         ...
 
     def remove_device(self, vm: VmRef, device: Device, scope: Scope, timeout: float) -> None:
-        """Remove the device and return once the VMM confirms the guest released it.
-        Raises DeviceRemovalTimeout or DeviceRemovalFailed, leaving the device in place."""
+        """Remove the device from the definitions in ``scope`` and return once the VMM
+        confirms the guest released it. Raises DeviceRemovalTimeout or DeviceRemovalFailed,
+        leaving the device in place."""
         ...
 
     async def watch(

@@ -26,7 +26,7 @@ import logging
 import socket
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -193,7 +193,7 @@ class CloudHypervisorBackend:
             if str(fs.get("id", "")).startswith(ALIAS_PREFIX)
         ]
 
-    def check_ready(self, vm: VmRef, scope: Scope, count: int) -> None:
+    def check_ready(self, vm: VmRef, scope: Scope, guest_paths: Sequence[str]) -> None:
         """Shared memory (``memory.shared`` in the VM's configuration)."""
         config = self._info(vm).get("config") or {}
         memory = config.get("memory") or {}

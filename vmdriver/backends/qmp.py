@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -124,18 +124,18 @@ class QmpBackend:
 
         return self._run(listing)
 
-    def check_ready(self, vm: VmRef, scope: Scope, count: int) -> None:
-        """Shared memory, and (q35) ``count`` free pcie-root-ports."""
+    def check_ready(self, vm: VmRef, scope: Scope, guest_paths: Sequence[str]) -> None:
+        """Shared memory, and (q35) a free pcie-root-port per guest path."""
 
         async def check(qmp: QmpConnection) -> None:
             self._check_instance(qmp, vm)
             await _check_shared_memory(qmp, vm.name)
             if await _is_q35(qmp):
                 free = await _free_root_ports(qmp)
-                if len(free) < count:
+                if len(free) < len(guest_paths):
                     raise DomainNotPrepared(
                         f"QEMU VM {vm.name} has {len(free)} free pcie-root-port(s) and needs "
-                        f"{count}: start it with spare ports, e.g. -device "
+                        f"{len(guest_paths)}: start it with spare ports, e.g. -device "
                         "pcie-root-port,id=boxvol-rp1,chassis=1,slot=1 (one per share)"
                     )
 
