@@ -159,6 +159,8 @@ class Attachments:
     def _vm(self, name: str) -> VmRef:
         """The VM called ``name``, checked against the name boxvol recorded for it."""
         vm = self.backend.lookup(name)
+        if self.backend.names_vms:
+            return vm  # libvirt names its domains (and renames them): its name is the truth
         for record in self.records(vm.instance):
             if record.vm != name:
                 raise InvalidArgument(
@@ -362,16 +364,17 @@ class Attachments:
             return done
 
     def _detach_one(self, vm: VmRef, attachment: Attachment, scope: Scope, timeout: float) -> None:
-        if attachment.live or attachment.config:
-            device = Device(
-                attachment.tag,
-                attachment.alias or alias_for_tag(attachment.tag),
-                live=attachment.live,
-                config=attachment.config,
-            )
-            self.backend.remove_device(vm, device, scope, timeout)
-            if (attachment.live and not scope.live) or (attachment.config and not scope.config):
-                return  # still in a definition this detach was told to leave alone
+        # Always asked, present or not: a backend also drops what it keeps beside a device
+        # (libvirt's metadata copy), and finds nothing to do for a device already gone.
+        device = Device(
+            attachment.tag,
+            attachment.alias or alias_for_tag(attachment.tag),
+            live=attachment.live,
+            config=attachment.config,
+        )
+        self.backend.remove_device(vm, device, scope, timeout)
+        if (attachment.live and not scope.live) or (attachment.config and not scope.config):
+            return  # still in a definition this detach was told to leave alone
         if attachment.export_id is not None:
             self._remove_export(attachment.export_id)
         if attachment.volume is not None:

@@ -129,7 +129,8 @@ class LifecycleEvent:
     """A domain lifecycle event as the watcher saw it, and what it did about it."""
 
     domain: str
-    #: None for ``gone``: boxvold's records name the domain, libvirt no longer knows it.
+    #: The VM instance (libvirt's UUID; ``pid=N,start=T`` for a VMM process), as the event
+    #: or boxvold's records name it.
     uuid: str | None
     kind: LifecycleKind
     #: Set when the domain was gone and its exports and anonymous volumes were released.

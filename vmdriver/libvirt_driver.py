@@ -30,17 +30,16 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import libvirt
 import trio
 
 from vmdriver import domain_xml as dx
-from vmdriver.attachments import select
+from vmdriver.attachments import Attachments
+from vmdriver.backends.base import Device, NewDevice, VmRef
 from vmdriver.driver import (
-    VIAS,
-    Attachment,
     AttachmentNotFound,
     DeviceRemovalFailed,
     DeviceRemovalTimeout,
@@ -52,17 +51,12 @@ from vmdriver.driver import (
     LifecycleEvent,
     LifecycleKind,
     PrepareResult,
-    Released,
     Scope,
-    Via,
-    VolumeRef,
-    check_specs_against,
 )
 from vmdriver.locks import DEFAULT_WAIT as DEFAULT_LOCK_WAIT
 from vmdriver.locks import default_lock_dir, domain_lock
-from volumed.client import Client, ensure_spec_volumes
-from volumed.errors import BoxvolError, InUse, InvalidArgument, NotFound
-from volumed.specs import VolumeSpec, parse_specs
+from volumed.client import Client
+from volumed.errors import BoxvolError
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +191,7 @@ class _Removals:
             self._outcomes.pop((uuid, alias), None)
 
 
-# -- the driver ----------------------------------------------------------------------------
+# -- the backend ---------------------------------------------------------------------------
 
 
 class _State:
@@ -231,43 +225,30 @@ class _State:
         return wanted
 
 
-class _Step:
-    """One spec's progress through ``attach`` (what a roll-back has to undo)."""
+class LibvirtBackend:
+    """boxvol's backend for one libvirt connection (``vmdriver.backends.base.Backend``).
 
-    def __init__(self, spec: VolumeSpec, volume: dict[str, Any]) -> None:
-        self.spec = spec
-        self.volume = volume
-        self.record: dx.AttachmentRecord | None = None
-        self.socket: str | None = None
-        self.attached = False
-
-
-class LibvirtDriver:
-    """boxvol's VM driver for libvirt (``vmdriver.driver.VMDriver``).
-
-    Attributes:
-        client: boxvold's API client (volumes and exports).
-        uri: the libvirt connection URI.
+    A VM is a domain; its instance is the domain's UUID. Besides the device, each attachment
+    leaves a copy of its record in the domain's metadata (for operators: ``virsh dumpxml``)
+    and, for a kernel-booted guest's persistent definition, a ``boxvol.mount=`` word on its
+    kernel command line; nothing reads the metadata back but ``virsh``.
     """
 
-    client: Client
-    uri: str
+    label = "libvirt"
+    names_vms = True
     _conn: Any
     _removals: _Removals
     _callbacks: list[int]
 
     def __init__(
         self,
-        client: Client,
         uri: str = DEFAULT_URI,
         *,
         lock_dir: str | None = None,
         lock_wait: float = DEFAULT_LOCK_WAIT,
     ) -> None:
-        self.client = client
         self.uri = uri
-        #: Where the per-domain change locks live (``vmdriver.locks``), and how long a
-        #: change waits for another one on the same domain.
+        #: ``prepare``'s change lock (the workflow holds the same lock for its changes).
         self.lock_dir = lock_dir if lock_dir is not None else default_lock_dir()
         self.lock_wait = lock_wait
         self._conn = None
@@ -315,36 +296,23 @@ class LibvirtDriver:
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
 
-    def __enter__(self) -> LibvirtDriver:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _on_removed(self, _conn: Any, dom: Any, alias: str, _opaque: Any) -> None:
         self._removals.post(dom.UUIDString(), alias, "removed")
 
     def _on_removal_failed(self, _conn: Any, dom: Any, alias: str, _opaque: Any) -> None:
         self._removals.post(dom.UUIDString(), alias, "failed")
 
-    @contextlib.contextmanager
-    def _changing(self, name: str) -> Iterator[_State]:
-        """The domain, read while this process holds its change lock (``vmdriver.locks``):
-        what another ``boxvol vm`` command wrote before is seen, and nothing it writes
-        meanwhile is lost."""
-        dom = self._lookup(name)
-        with _libvirt(f"cannot read the UUID of domain {name}"):
-            uuid = dom.UUIDString()
-        with domain_lock(self.lock_dir, uuid, name, wait=self.lock_wait):
-            yield _State(dom, name)
-
     def _lookup(self, name: str) -> Any:
         conn = self.conn
         with _libvirt(f"no domain {name!r} on {self.uri}"):
             return conn.lookupByName(name)
 
-    def _domain(self, name: str) -> _State:
-        return _State(self._lookup(name), name)
+    def _state(self, vm: VmRef) -> _State:
+        """The domain of ``vm`` by its UUID (a new domain of the same name is another VM)."""
+        conn = self.conn
+        with _libvirt(f"domain {vm.name} ({vm.instance}) is gone from {self.uri}"):
+            dom = conn.lookupByUUIDString(vm.instance)
+        return _State(dom, vm.name)
 
     def _check_version(self) -> None:
         with _libvirt("cannot read libvirt's version"):
@@ -355,7 +323,112 @@ class LibvirtDriver:
                 "to an external virtiofsd; boxvol needs libvirt 8.0 or later"
             )
 
-    # -- prepare ------------------------------------------------------------------------
+    # -- the Backend interface ---------------------------------------------------------
+
+    def lookup(self, name: str) -> VmRef:
+        """The domain called ``name``, with every virtio-fs tag its definitions use."""
+        state = _State(self._lookup(name), name)
+        tags: set[str] = set()
+        for xml in (state.live_xml, state.config_xml):
+            if xml is not None:
+                tags |= dx.filesystem_tags(xml)
+        return VmRef(name, state.uuid, state.running, state.persistent, frozenset(tags))
+
+    def instance_exists(self, instance: str) -> bool:
+        """Whether the domain with this UUID still exists (defined, or transient and
+        running). Only libvirt's VIR_ERR_NO_DOMAIN means it does not."""
+        return not self._gone(instance)
+
+    def devices(self, vm: VmRef) -> list[Device]:
+        """boxvol's filesystems in the running guest and in the persistent definition."""
+        state = self._state(vm)
+        live = {fs.tag: fs for fs in dx.boxvol_filesystems(state.live_xml or "<domain/>")}
+        config = {fs.tag: fs for fs in dx.boxvol_filesystems(state.config_xml or "<domain/>")}
+        found = []
+        for tag in dict.fromkeys([*live, *config]):
+            device = live.get(tag) or config[tag]
+            found.append(
+                Device(
+                    tag,
+                    device.alias or dx.alias_for_tag(tag),
+                    live=tag in live,
+                    config=tag in config,
+                )
+            )
+        return found
+
+    def check_ready(self, vm: VmRef, scope: Scope, guest_paths: Sequence[str]) -> None:
+        """libvirt 8.0 or later, shared memory in every definition in ``scope``, and guest
+        paths a kernel command line can carry (for a kernel-booted guest)."""
+        self._check_version()
+        state = self._state(vm)
+        self._check_prepared(state, scope)
+        if self._kernel_cmdline(state, scope):
+            for path in guest_paths:
+                dx.check_cmdline_path(path)
+
+    def add_device(self, vm: VmRef, device: NewDevice, scope: Scope) -> None:
+        """The filesystem device, then the record's copy in the metadata, then (persistent,
+        kernel-booted) the ``boxvol.mount=`` word; the device goes again if either fails."""
+        state = self._state(vm)
+        flags = (_AFFECT_LIVE if scope.live else 0) | (_AFFECT_CONFIG if scope.config else 0)
+        xml = dx.filesystem_device(device.socket, device.tag, alias=device.device_id)
+        with _libvirt(f"libvirt could not attach {device.tag} to {vm.name}"):
+            state.dom.attachDeviceFlags(xml, flags)
+        record = dx.AttachmentRecord(
+            tag=device.tag,
+            guest_path=device.guest_path,
+            read_only=device.read_only,
+            export_id=device.export_id,
+            volume_id=device.volume_id,
+            volume_name=device.volume_name,
+            via=device.via,
+            alias=device.device_id,
+        )
+        try:
+            self._record(state, scope, add=[record])
+            if self._kernel_cmdline(state, scope):
+                self._edit_cmdline(
+                    state, add=[dx.MountWord(device.tag, device.guest_path, device.read_only)]
+                )
+        except BaseException:
+            with contextlib.suppress(BoxvolError):
+                self.remove_device(
+                    vm,
+                    Device(device.tag, device.device_id, live=scope.live, config=scope.config),
+                    scope,
+                    ERROR_GRACE,
+                )
+            raise
+
+    def remove_device(self, vm: VmRef, device: Device, scope: Scope, timeout: float) -> None:
+        """The device leaves the running guest (confirmed by DEVICE_REMOVED), then the
+        persistent definition; its metadata copy and command-line word go with it."""
+        state = self._state(vm)
+        live, config = self._remove_device(state, device.tag, device.device_id, scope, timeout)
+        self._record(state, Scope(live=live, config=config), remove_tags=[device.tag])
+        if config and state.config_xml is not None:
+            self._edit_cmdline(state, remove_tags=[device.tag])
+
+    def _kernel_cmdline(self, state: _State, scope: Scope) -> bool:
+        """Whether the change reaches the persistent definition of a kernel-booted guest."""
+        return (
+            scope.config
+            and state.config_xml is not None
+            and dx.has_direct_kernel_boot(state.config_xml)
+        )
+
+    async def watch(
+        self,
+        on_ended: Callable[[str], Awaitable[object]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Report each domain that is gone (undefined, or a transient one stopped), through
+        ``vmdriver.libvirt_watch`` (it also reconnects after libvirtd restarts)."""
+        from vmdriver.libvirt_watch import watch
+
+        await watch(_EndReporter(self, on_ended), task_status=task_status)
 
     def prepare(
         self, domain: str, *, spare_root_ports: int = dx.DEFAULT_SPARE_ROOT_PORTS
@@ -363,7 +436,7 @@ class LibvirtDriver:
         """Give the domain's persistent definition shared memory (and, on q35, spare PCIe
         root ports for hot-plug); a prepared domain is left untouched. A running domain
         gets the change at its next boot."""
-        with self._changing(domain) as state:
+        with self._changing_definition(domain) as state:
             if state.config_xml is None:
                 raise DomainStateConflict(
                     f"domain {domain} is transient: its memory backing cannot change while it "
@@ -375,142 +448,6 @@ class LibvirtDriver:
                     self.conn.defineXML(result.xml)
                 log.info("prepared %s: %s", domain, "; ".join(result.changes))
             return PrepareResult(domain, result.changes, state.running and bool(result.changes))
-
-    # -- listing ------------------------------------------------------------------------
-
-    def _attachments(self, state: _State) -> list[Attachment]:
-        live_devices = {}
-        config_devices = {}
-        records: dict[str, dx.AttachmentRecord] = {}
-        if state.config_xml is not None:
-            config_devices = {fs.tag: fs for fs in dx.boxvol_filesystems(state.config_xml)}
-            records.update((r.tag, r) for r in dx.attachment_records(state.config_xml))
-        if state.live_xml is not None:
-            live_devices = {fs.tag: fs for fs in dx.boxvol_filesystems(state.live_xml)}
-            records.update((r.tag, r) for r in dx.attachment_records(state.live_xml))
-        tags = list(dict.fromkeys([*records, *live_devices, *config_devices]))
-        out = []
-        for tag in tags:
-            record = records.get(tag)
-            device = live_devices.get(tag) or config_devices.get(tag)
-            out.append(
-                Attachment(
-                    domain=state.name,
-                    tag=tag,
-                    guest_path=record.guest_path if record else "",
-                    read_only=record.read_only if record else False,
-                    export_id=record.export_id if record else None,
-                    volume=VolumeRef(record.volume_id, record.volume_name) if record else None,
-                    via=record.via if record else "direct",
-                    alias=device.alias if device else (record.alias if record else None),
-                    socket=device.socket if device else None,
-                    live=tag in live_devices,
-                    config=tag in config_devices,
-                )
-            )
-        return out
-
-    def list_attachments(self, domain: str) -> list[Attachment]:
-        """The domain's boxvol attachments: recorded ones and boxvol devices, each marked
-        live (in the running guest) and/or config (in the persistent definition)."""
-        return self._attachments(self._domain(domain))
-
-    # -- attach -------------------------------------------------------------------------
-
-    def attach(
-        self,
-        domain: str,
-        specs: Sequence[VolumeSpec | str],
-        *,
-        scope: Scope | None = None,
-        via: Via = "direct",
-    ) -> list[Attachment]:
-        """Attach one volume per spec (``-v`` text or parsed) to ``domain``, all or nothing.
-
-        Boot-time (a stopped domain, or ``Scope(live=False, config=True)``): the persistent
-        definition gains the devices and, for a kernel-booted guest, ``boxvol.mount=`` words.
-        Hot-plug (a running domain): the running guest and, if the domain is persistent, its
-        definition. Everything is checked before anything is created; on a failure, what this
-        call did is undone in reverse order.
-        """
-        if via not in VIAS:
-            raise InvalidArgument(f"invalid via {via!r}: give one of {', '.join(VIAS)}")
-        if not specs:
-            raise InvalidArgument("nothing to attach: give at least one -v SPEC")
-        # The whole list is (re)validated as one, before libvirt or boxvold hear of it: a
-        # host path is refused here, as are two specs for one guest path.
-        specs = parse_specs([s if isinstance(s, str) else str(s) for s in specs])
-        self._check_version()
-        with self._changing(domain) as state:
-            scope = state.scope(scope)
-            existing = self._attachments(state)
-            check_specs_against(specs, existing)
-            self._check_prepared(state, scope)
-            kernel_cmdline = (
-                scope.config
-                and state.config_xml is not None
-                and dx.has_direct_kernel_boot(state.config_xml)
-            )
-            if kernel_cmdline:
-                for spec in specs:
-                    dx.check_cmdline_path(spec.guest_path)
-            taken = {a.tag for a in existing}
-            for xml in (state.live_xml, state.config_xml):
-                if xml is not None:
-                    taken |= dx.filesystem_tags(xml)
-
-            volumes = ensure_spec_volumes(
-                self.client, list(specs), consumer=f"{VM_CONSUMER_PREFIX}{domain}"
-            )
-            flags = (_AFFECT_LIVE if scope.live else 0) | (_AFFECT_CONFIG if scope.config else 0)
-            steps = [_Step(spec, volume) for spec, volume in zip(specs, volumes, strict=True)]
-            try:
-                for step in steps:
-                    spec, volume = step.spec, step.volume
-                    tag = dx.derive_tag(volume.get("name"), volume["id"], taken)
-                    taken.add(tag)
-                    export = self._create_export(volume["id"], spec.read_only, via, domain, tag)
-                    step.socket = export["socket"]
-                    step.record = dx.AttachmentRecord(
-                        tag=tag,
-                        guest_path=spec.guest_path,
-                        read_only=spec.read_only,
-                        export_id=export["id"],
-                        volume_id=volume["id"],
-                        volume_name=volume.get("name"),
-                        via=via,
-                        alias=dx.alias_for_tag(tag),
-                    )
-                    device = dx.filesystem_device(export["socket"], tag, alias=step.record.alias)
-                    log.info("attaching %s to %s as %s (%s)", volume["id"], domain, tag, scope)
-                    with _libvirt(f"libvirt could not attach {spec} to {domain}"):
-                        state.dom.attachDeviceFlags(device, flags)
-                    step.attached = True
-                records = [s.record for s in steps if s.record is not None]
-                self._record(state, scope, add=records)
-                if kernel_cmdline:
-                    words = [dx.MountWord(r.tag, r.guest_path, r.read_only) for r in records]
-                    self._edit_cmdline(state, add=words)
-            except BaseException:
-                self._roll_back(state, scope, steps, kernel_cmdline)
-                raise
-            return [
-                Attachment(
-                    domain=domain,
-                    tag=r.tag,
-                    guest_path=r.guest_path,
-                    read_only=r.read_only,
-                    export_id=r.export_id,
-                    volume=VolumeRef(r.volume_id, r.volume_name),
-                    via=r.via,
-                    alias=r.alias,
-                    socket=s.socket,
-                    live=scope.live,
-                    config=scope.config,
-                )
-                for s in steps
-                if (r := s.record) is not None
-            ]
 
     def _check_prepared(self, state: _State, scope: Scope) -> None:
         if scope.live and state.live_xml is not None and not dx.has_shared_memory(state.live_xml):
@@ -528,47 +465,6 @@ class LibvirtDriver:
                 f"domain {state.name} has no shared memory, which virtio-fs needs: run "
                 f"'boxvol vm prepare {state.name}' first"
             )
-
-    def _create_export(
-        self, volume_id: str, read_only: bool, via: Via, domain: str, tag: str
-    ) -> dict[str, Any]:
-        """A virtio-fs export of the volume for this domain and tag; boxvold answers with
-        the vhost-user socket it serves (the only path libvirt ever gets)."""
-        export = self.client.create_export(
-            volume_id,
-            kind="virtiofs",
-            read_only=read_only,
-            via=via,
-            consumer={"vm": domain, "tag": tag},
-        )
-        if not export.get("socket") or not export.get("id"):
-            raise HypervisorError(f"boxvold answered a virtio-fs export without a socket: {export}")
-        return export
-
-    def _roll_back(
-        self, state: _State, scope: Scope, steps: Sequence[_Step], kernel_cmdline: bool
-    ) -> None:
-        """Undo a failed attach in reverse order, with detach's rule: a record, an export
-        and an anonymous volume only go once their device is confirmed gone. What cannot be
-        undone is logged and left for ``detach`` (or the domain's undefinition) to finish."""
-        for step in reversed(steps):
-            record = step.record
-            try:
-                if record is not None:
-                    if step.attached:
-                        self._remove_device(state, record.tag, record.alias, scope, timeout=30.0)
-                    self._record(state, scope, remove_tags=[record.tag])
-                    if kernel_cmdline:
-                        self._edit_cmdline(state, remove_tags=[record.tag])
-                    self.client.remove_export(record.export_id)
-                if step.spec.anonymous:
-                    self.client.remove_volume(step.volume["id"], force=True)
-            except BoxvolError as exc:
-                log.error(
-                    "could not undo the attachment of %s to %s: %s", step.spec, state.name, exc
-                )
-
-    # -- metadata and command line ---------------------------------------------------------
 
     def _record(
         self,
@@ -616,63 +512,6 @@ class LibvirtDriver:
         if updated != current:
             with _libvirt(f"libvirt refused the new kernel command line of {state.name}"):
                 self.conn.defineXML(updated)
-
-    # -- detach -------------------------------------------------------------------------
-
-    def detach(
-        self,
-        domain: str,
-        targets: Sequence[str] = (),
-        *,
-        scope: Scope | None = None,
-        timeout: float = DEFAULT_REMOVAL_TIMEOUT,
-    ) -> list[Attachment]:
-        """Detach attachments given by tag or guest path (all of them if none are given).
-
-        Per attachment, in this order: the device is removed from the running guest and
-        libvirt's DEVICE_REMOVED event for its alias is awaited; then it leaves the persistent
-        definition, its record and its ``boxvol.mount=`` word; then, once no definition holds
-        the device any more, its export is deleted, which stops virtiofsd. A guest that does
-        not release the device within ``timeout`` seconds (or refuses) stops the detach with
-        an error and the export keeps running: QEMU still holds its socket.
-        """
-        with self._changing(domain) as state:
-            scope = state.scope(scope)
-            attachments = self._attachments(state)
-            chosen = select(domain, attachments, targets)
-            done = []
-            for attachment in chosen:
-                self._detach_one(state, attachment, scope, timeout)
-                done.append(attachment)
-            return done
-
-    def _detach_one(
-        self, state: _State, attachment: Attachment, scope: Scope, timeout: float
-    ) -> None:
-        alias = attachment.alias or dx.alias_for_tag(attachment.tag)
-        live, config = self._remove_device(state, attachment.tag, alias, scope, timeout)
-        self._record(state, Scope(live=live, config=config), remove_tags=[attachment.tag])
-        if config and state.config_xml is not None:
-            self._edit_cmdline(state, remove_tags=[attachment.tag])
-        still_live = state.running and attachment.live and not live
-        still_config = state.persistent and attachment.config and not config
-        if still_live or still_config:
-            return
-        # Without a record (an attach that failed half-way), boxvold still knows the export
-        # by its consumer: this domain and this tag.
-        export_id = attachment.export_id or self._export_for(state.name, attachment.tag)
-        if export_id is not None:
-            log.info("deleting export %s of %s", export_id, attachment.tag)
-            try:
-                self.client.remove_export(export_id)
-            except NotFound:
-                log.info("export %s was already gone", export_id)
-
-    def _export_for(self, domain: str, tag: str) -> str | None:
-        for export in self.client.list_exports():
-            if export.get("consumer") == {"vm": domain, "tag": tag}:
-                return str(export["id"])
-        return None
 
     def _remove_device(
         self, state: _State, tag: str, alias: str, scope: Scope, timeout: float
@@ -755,88 +594,6 @@ class LibvirtDriver:
                 if _device(state.dom.XMLDesc(0), tag) is None:
                     return "gone"
 
-    # -- lifecycle ----------------------------------------------------------------------
-
-    def release(self, domain: str) -> Released:
-        """Delete the exports (``consumer.vm == domain``) and remove the anonymous volumes
-        (``consumer == "vm:<domain>"``) of a domain that no longer exists on this connection.
-        Refused while the domain exists: its guest may still use them."""
-        if self._exists(domain):
-            raise DomainStateConflict(
-                f"domain {domain} still exists; its volumes are released once it is undefined"
-            )
-        return self._release(domain)
-
-    def _exists(self, domain: str) -> bool:
-        """Whether a domain of this name exists on the connection (defined, or transient and
-        running). Only libvirt's VIR_ERR_NO_DOMAIN means it does not: any other libvirt error
-        (a lost connection, a refused call) is raised, so nothing is released on a guess."""
-        try:
-            self._lookup(domain)
-        except DomainNotFound:
-            return False
-        return True
-
-    def reconcile(self) -> list[LifecycleEvent]:
-        """Release every domain that boxvold still exports to but that no longer exists on
-        this connection: those undefined (or, transient, stopped) while no watcher listened.
-
-        The candidates are the domains named by exports' consumers (``{"vm": name, ...}``, as
-        ``attach`` records them) and by anonymous volumes' (``vm:NAME``); each is looked up by
-        name and released (as ``release``
-        does: exports deleted, anonymous volumes removed) only if libvirt answers
-        VIR_ERR_NO_DOMAIN. A domain whose lookup or release fails otherwise is logged and
-        kept for the next reconcile. Raises if boxvold cannot list its exports. Blocks.
-        """
-        names: dict[str, None] = {}
-        for export in self.client.list_exports():
-            consumer = export.get("consumer")
-            if isinstance(consumer, dict) and isinstance(consumer.get("vm"), str):
-                names[consumer["vm"]] = None
-        # Anonymous volumes can outlive their exports (a release cut short, an attach that
-        # failed half-way, a volume kept while in use elsewhere): their domains count too.
-        for volume in self.client.list_volumes([("kind", "anonymous")]):
-            consumer = volume.get("consumer")
-            if isinstance(consumer, str) and consumer.startswith(VM_CONSUMER_PREFIX):
-                names[consumer[len(VM_CONSUMER_PREFIX) :]] = None
-        events = []
-        for name in names:
-            try:
-                if self._exists(name):
-                    continue
-                log.info("domain %s no longer exists on %s: releasing its volumes", name, self.uri)
-                released = self._release(name)
-            except BoxvolError as exc:
-                log.error("reconcile: kept the exports of %s: %s", name, exc.message)
-                continue
-            events.append(LifecycleEvent(name, None, "gone", released))
-        return events
-
-    def _release(self, domain: str) -> Released:
-        exports = []
-        for export in self.client.list_exports():
-            consumer = export.get("consumer")
-            if isinstance(consumer, dict) and consumer.get("vm") == domain:
-                try:
-                    self.client.remove_export(export["id"])
-                    exports.append(export["id"])
-                except NotFound:
-                    pass
-        volumes, kept = [], []
-        for volume in self.client.list_volumes([("kind", "anonymous")]):
-            if volume.get("consumer") != f"{VM_CONSUMER_PREFIX}{domain}":
-                continue
-            try:
-                self.client.remove_volume(volume["id"])
-                volumes.append(volume["id"])
-            except NotFound:
-                pass
-            except InUse as exc:
-                kept.append((volume["id"], exc.message))
-        released = Released(domain, tuple(exports), tuple(volumes), tuple(kept))
-        log.info("released %s: exports %s, volumes %s, kept %s", domain, exports, volumes, kept)
-        return released
-
     def _gone(self, uuid: str) -> bool:
         """True if no domain with this uuid exists any more (undefined and not running)."""
         try:
@@ -850,13 +607,11 @@ class LibvirtDriver:
             return not (dom.isActive() or dom.isPersistent())
 
     def handle_lifecycle_event(self, name: str, uuid: str, event: int) -> LifecycleEvent:
-        """The reaction to one libvirt lifecycle event (``VIR_DOMAIN_EVENT_*``): a domain
-        that is gone has its volumes released. Blocks (the watcher runs it in a thread)."""
+        """What one libvirt lifecycle event (``VIR_DOMAIN_EVENT_*``) means: its kind, and
+        whether the domain is gone now. Blocks."""
         kind: LifecycleKind = _KINDS.get(event, "other")
-        released = None
-        if kind in ("undefined", "stopped") and self._gone(uuid):
-            released = self._release(name)
-        return LifecycleEvent(name, uuid, kind, released)
+        gone = kind in ("undefined", "stopped") and self._gone(uuid)
+        return LifecycleEvent(name, uuid, "gone" if gone else kind)
 
     # -- lifecycle subscriptions (for ``vmdriver.libvirt_watch``) -------------------------
 
@@ -888,10 +643,111 @@ class LibvirtDriver:
             subscription.conn.unregisterCloseCallback()
         _deregister(subscription.conn, subscription.callback_id)
 
-    async def watch_lifecycle(
+    @contextlib.contextmanager
+    def _changing_definition(self, name: str) -> Iterator[_State]:
+        """The domain, read while this process holds its change lock."""
+        dom = self._lookup(name)
+        with _libvirt(f"cannot read the UUID of domain {name}"):
+            uuid = dom.UUIDString()
+        with domain_lock(self.lock_dir, uuid, name, wait=self.lock_wait):
+            yield _State(dom, name)
+
+
+class _EndReporter:
+    """What ``vmdriver.libvirt_watch`` drives, for ``LibvirtBackend.watch``: domains that
+    are gone go to ``on_ended``; reconciling is the workflow's."""
+
+    def __init__(self, backend: LibvirtBackend, on_ended: Callable[[str], Awaitable[object]]):
+        self.backend = backend
+        self.uri = backend.uri
+        self.on_ended = on_ended
+
+    def subscribe(self, *args: Any) -> Subscription:
+        return self.backend.subscribe(*args)
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self.backend.unsubscribe(subscription)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def reconcile(self) -> list[LifecycleEvent]:
+        return []
+
+    def handle_lifecycle_event(self, name: str, uuid: str, event: int) -> LifecycleEvent:
+        seen = self.backend.handle_lifecycle_event(name, uuid, event)
+        if seen.kind == "gone":
+            trio.from_thread.run(self.on_ended, uuid)
+        return seen
+
+
+# -- the driver ----------------------------------------------------------------------------
+
+
+class LibvirtDriver(Attachments):
+    """The attach workflow (``vmdriver.attachments``) over a libvirt connection, plus what
+    only libvirt has: ``prepare`` (shared memory and spare root ports in a domain's
+    definition) and its lifecycle watcher with reconnection (``vmdriver.libvirt_watch``).
+
+    Attributes:
+        client: boxvold's API client (volumes and exports).
+        uri: the libvirt connection URI.
+    """
+
+    backend: LibvirtBackend
+
+    def __init__(
         self,
+        client: Client,
+        uri: str = DEFAULT_URI,
         *,
-        on_event: Callable[[LifecycleEvent], object] | None = None,
+        lock_dir: str | None = None,
+        lock_wait: float = DEFAULT_LOCK_WAIT,
+    ) -> None:
+        backend = LibvirtBackend(uri, lock_dir=lock_dir, lock_wait=lock_wait)
+        super().__init__(client, backend, lock_dir=backend.lock_dir, lock_wait=lock_wait)
+        self.uri = uri
+
+    def __enter__(self) -> LibvirtDriver:
+        return self
+
+    @property
+    def conn(self) -> Any:
+        """The libvirt connection, opened (with device-removal callbacks) on first use."""
+        return self.backend.conn
+
+    def prepare(
+        self, domain: str, *, spare_root_ports: int = dx.DEFAULT_SPARE_ROOT_PORTS
+    ) -> PrepareResult:
+        """See ``LibvirtBackend.prepare``."""
+        return self.backend.prepare(domain, spare_root_ports=spare_root_ports)
+
+    def handle_lifecycle_event(self, name: str, uuid: str, event: int) -> LifecycleEvent:
+        """The reaction to one lifecycle event: a domain that is gone has its volumes
+        released (matched by its UUID). Blocks (the watcher runs it in a thread)."""
+        seen = self.backend.handle_lifecycle_event(name, uuid, event)
+        if seen.kind != "gone":
+            return seen
+        kind: LifecycleKind = _KINDS.get(event, "other")
+        return LifecycleEvent(name, uuid, kind, self._release(uuid))
+
+    def subscribe(
+        self,
+        on_lifecycle: Callable[[Any, Any, int, int, Any], None],
+        on_close: Callable[[Any, int, Any], None],
+        opaque: object,
+    ) -> Subscription:
+        """See ``LibvirtBackend.subscribe``."""
+        return self.backend.subscribe(on_lifecycle, on_close, opaque)
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """See ``LibvirtBackend.unsubscribe``."""
+        self.backend.unsubscribe(subscription)
+
+    async def watch(
+        self,
+        on_event: Any = None,
+        *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Follow libvirt's domain lifecycle events until cancelled, reconciling at start,
@@ -899,6 +755,15 @@ class LibvirtDriver:
         from vmdriver.libvirt_watch import watch
 
         await watch(self, on_event=on_event, task_status=task_status)
+
+    async def watch_lifecycle(
+        self,
+        *,
+        on_event: Callable[[LifecycleEvent], object] | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The same as ``watch``."""
+        await self.watch(on_event, task_status=task_status)
 
 
 class Subscription:

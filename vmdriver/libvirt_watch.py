@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -35,7 +35,31 @@ from vmdriver.driver import LifecycleEvent
 from volumed.errors import BoxvolError
 
 if TYPE_CHECKING:
-    from vmdriver.libvirt_driver import LibvirtDriver, Subscription
+    from vmdriver.libvirt_driver import Subscription
+
+
+class Watched(Protocol):
+    """What the watcher drives: a libvirt connection's subscriptions (``uri``,
+    ``subscribe``, ``unsubscribe``, ``close``) and the reactions to what it sees
+    (``reconcile``, ``handle_lifecycle_event``); ``vmdriver.libvirt_driver.LibvirtDriver``."""
+
+    uri: str
+
+    def subscribe(
+        self,
+        on_lifecycle: Callable[[Any, Any, int, int, Any], None],
+        on_close: Callable[[Any, int, Any], None],
+        opaque: object,
+    ) -> Subscription: ...
+
+    def unsubscribe(self, subscription: Subscription) -> None: ...
+
+    def close(self) -> None: ...
+
+    def reconcile(self) -> list[LifecycleEvent]: ...
+
+    def handle_lifecycle_event(self, name: str, uuid: str, event: int) -> LifecycleEvent: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +98,7 @@ class _Seen:
 
 
 async def watch(
-    driver: LibvirtDriver,
+    driver: Watched,
     *,
     on_event: Callable[[LifecycleEvent], object] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -157,7 +181,7 @@ async def watch(
                 await trio.to_thread.run_sync(driver.unsubscribe, subscription)
 
 
-def _drop(driver: LibvirtDriver, subscription: Subscription) -> None:
+def _drop(driver: Watched, subscription: Subscription) -> None:
     """Forget a dead connection: callbacks off, connection closed (the driver opens a new
     one, with its device-removal callbacks, on next use)."""
     driver.unsubscribe(subscription)
@@ -165,7 +189,7 @@ def _drop(driver: LibvirtDriver, subscription: Subscription) -> None:
 
 
 async def _resubscribe(
-    driver: LibvirtDriver,
+    driver: Watched,
     on_lifecycle: Callable[[Any, Any, int, int, Any], None],
     on_close: Callable[[Any, int, Any], None],
     generation: int,
@@ -200,7 +224,7 @@ async def _resubscribe(
 
 
 async def _reconcile(
-    driver: LibvirtDriver, on_event: Callable[[LifecycleEvent], object] | None, *, strict: bool
+    driver: Watched, on_event: Callable[[LifecycleEvent], object] | None, *, strict: bool
 ) -> None:
     """Run the driver's reconcile in a worker thread and report each release as an event.
     ``strict``: a failure (boxvold unreachable) is raised rather than logged."""
@@ -216,7 +240,7 @@ async def _reconcile(
 
 
 async def _react(
-    driver: LibvirtDriver, seen: _Seen, on_event: Callable[[LifecycleEvent], object] | None
+    driver: Watched, seen: _Seen, on_event: Callable[[LifecycleEvent], object] | None
 ) -> None:
     try:
         event = await trio.to_thread.run_sync(

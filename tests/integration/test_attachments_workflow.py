@@ -39,6 +39,7 @@ class FakeBackend:
     """A VMM in memory: VMs by name, devices by tag, failures on demand."""
 
     label = "fake"
+    names_vms = False
 
     def __init__(self, uri: str) -> None:
         self.uri = uri

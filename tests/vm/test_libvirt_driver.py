@@ -22,6 +22,7 @@ import trio
 from tests.helpers import REPO, VENV_BIN, Daemon
 from tests.vm.helpers import URI, Domains, TestDomain
 from vmdriver import domain_xml as dx
+from vmdriver.attachments import anonymous_consumer
 from vmdriver.cli import main_vm
 from vmdriver.driver import DeviceRemovalTimeout, HypervisorError, LifecycleEvent, Scope
 from vmdriver.libvirt_driver import LibvirtDriver
@@ -334,7 +335,8 @@ async def test_anonymous_volume_removed_when_domain_undefined(
             [att] = driver.attach(guest.name, parse_specs(["/scratch"]), scope=Scope(False, True))
             assert att.volume is not None and att.volume.name is None
             volume = client.get_volume(att.volume.id)
-            assert volume["kind"] == "anonymous" and volume["consumer"] == f"vm:{guest.name}"
+            assert volume["kind"] == "anonymous"
+            assert volume["consumer"] == anonymous_consumer(URI, guest.dom.UUIDString())
             guest.start()
             guest.wait_stopped()
             guest.check_done()

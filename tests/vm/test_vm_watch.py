@@ -13,6 +13,7 @@ import select
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from guest.build import GuestImage
 from guest.domain import ensure_libvirt
 from tests.helpers import VENV_BIN, Daemon
 from tests.vm.helpers import URI, Domains, TestDomain, gone
+from vmdriver.attachments import anonymous_consumer
 from vmdriver.driver import HypervisorUnavailable, LifecycleEvent, Scope
 from vmdriver.libvirt_driver import LibvirtDriver
 from vmdriver.libvirt_watch import watch
@@ -41,7 +43,8 @@ def attach_anonymous(driver: LibvirtDriver, client: Client, domain: TestDomain, 
     driver.prepare(domain.name)
     [att] = driver.attach(domain.name, [path], scope=BOOT_TIME)
     assert att.volume is not None and att.volume.name is None and att.export_id is not None
-    assert client.get_volume(att.volume.id)["consumer"] == f"vm:{domain.name}"
+    consumer = anonymous_consumer(URI, domain.dom.UUIDString())
+    assert client.get_volume(att.volume.id)["consumer"] == consumer
     return att.volume.id
 
 
@@ -77,6 +80,7 @@ async def test_startup_reconcile_releases_only_domains_that_are_gone(
     assert len(exports_of(client, undefined.name)) == 2
 
     # Undefined while no watcher runs: no event will ever say so.
+    undefined_uuid = undefined.dom.UUIDString()
     undefined.dom.undefine()
     assert gone(undefined.conn, undefined.name)
 
@@ -94,7 +98,8 @@ async def test_startup_reconcile_releases_only_domains_that_are_gone(
         nursery.cancel_scope.cancel()
 
     [event] = seen
-    assert (event.domain, event.uuid, event.kind) == (undefined.name, None, "gone")
+    # Found by its UUID in boxvold's records (the domain's name is only what they call it).
+    assert (event.domain, event.uuid, event.kind) == (undefined.name, undefined_uuid, "gone")
     assert event.released is not None
     assert event.released.volumes == (scratch,) and len(event.released.exports) == 2
     assert exports_of(client, undefined.name) == []
@@ -117,8 +122,8 @@ async def test_periodic_reconcile_releases_what_a_cut_short_release_left(
     # release cut short by a boxvold restart leaves. No event and no reconnection will come;
     # the periodic reconcile finds it through the volume's consumer.
     live = domains.define(script="true\n")
-    kept = client.create_volume(consumer=f"vm:{live.name}")["id"]
-    ghost = f"boxvol-test-gone-{os.getpid()}"
+    kept = client.create_volume(consumer=anonymous_consumer(URI, live.dom.UUIDString()))["id"]
+    ghost = str(uuid.uuid4())  # a domain that no longer exists: only its UUID is recorded
     seen: list[LifecycleEvent] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(
@@ -127,7 +132,7 @@ async def test_periodic_reconcile_releases_what_a_cut_short_release_left(
         assert seen == []  # nothing was gone at start
         orphan = (
             await trio.to_thread.run_sync(
-                functools.partial(client.create_volume, consumer=f"vm:{ghost}")
+                functools.partial(client.create_volume, consumer=anonymous_consumer(URI, ghost))
             )
         )["id"]
         with trio.fail_after(30):
@@ -250,6 +255,7 @@ async def test_watcher_survives_a_libvirtd_restart(
     vanished = own_domains.define(script="true\n")
     later = own_domains.define(script="true\n")
     vanished_volume = attach_anonymous(driver, client, vanished, "/scratch")
+    vanished_uuid = vanished.dom.UUIDString()
     later_volume = attach_anonymous(driver, client, later, "/scratch")
     definition = QEMU_CONFIG_DIR / f"{vanished.name}.xml"
     assert definition.exists()
@@ -293,7 +299,7 @@ async def test_watcher_survives_a_libvirtd_restart(
         await trio.to_thread.run_sync(restart_libvirtd, while_down)
         # Reconnected, and the reconcile ran again: the vanished domain is released...
         event = await next_release(vanished.name)
-        assert (event.kind, event.uuid) == ("gone", None)
+        assert (event.kind, event.uuid) == ("gone", vanished_uuid)
         assert event.released is not None and event.released.volumes == (vanished_volume,)
         assert len(event.released.exports) == 1
         # ...on a new connection, with the lifecycle callback registered again: an undefine

@@ -82,6 +82,9 @@ class Backend(Protocol):
     uri: str
     #: For messages: "libvirt", "QEMU (QMP)", "Cloud Hypervisor".
     label: str
+    #: The VMM names its VMs (libvirt). Otherwise DOMAIN is only the name boxvol records for
+    #: the VM behind the URI, and a VM is always called by the name it was first given.
+    names_vms: bool
 
     def lookup(self, name: str) -> VmRef:
         """The VM called ``name``; raises DomainNotFound."""

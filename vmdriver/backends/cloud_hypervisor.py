@@ -85,6 +85,7 @@ class CloudHypervisorBackend:
     """boxvol's backend for one Cloud Hypervisor API socket (``vmdriver.backends.base``)."""
 
     label = "Cloud Hypervisor"
+    names_vms = False
 
     def __init__(self, uri: str) -> None:
         self.uri = uri

@@ -71,6 +71,7 @@ class QmpBackend:
     """boxvol's backend for one QEMU process's QMP socket (``vmdriver.backends.base``)."""
 
     label = "QEMU (QMP)"
+    names_vms = False
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
