@@ -4,6 +4,7 @@ real virtiofsd (the simulator connects to each vhost-user socket, as the real on
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -179,3 +180,40 @@ def test_cli_names_the_schemes_and_reaches_the_backend(
         check=False,
     )
     assert listed.stdout.split() == ["bv-data"], listed.stderr
+
+
+def test_watch_over_two_uris_releases_only_the_vm_that_ended(
+    daemon: Daemon, client: Client, simulators: Callable[..., Simulator], tmp_path: Path
+) -> None:
+    """Two VMs called "vm" on two Cloud Hypervisor sockets, one watcher for both: when one
+    ends, only its exports and anonymous volume go."""
+    first, second = simulators("--shared-memory"), simulators("--shared-memory")
+    workflow(client, first, tmp_path).attach("vm", ["/scratch"])
+    [kept] = workflow(client, second, tmp_path).attach("vm", ["/scratch"])
+    watch = subprocess.Popen(
+        [str(VENV_BIN / "boxvol"), "vm", "watch", "--connect", first.uri, "--connect", second.uri],
+        env=daemon.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Whether the watcher sees the end as it happens or at its start-up reconcile, the
+        # outcome is the same; the report says which ("stopped" or "gone").
+        first.stop()
+        deadline = time.monotonic() + 60
+        while len(client.list_exports()) > 1:
+            assert watch.poll() is None, watch.communicate()
+            assert time.monotonic() < deadline, "the watcher did not release the first vm"
+            time.sleep(0.1)
+        [left] = client.list_exports()
+        assert left["consumer"]["backend"] == second.uri
+        assert kept.volume is not None
+        assert [v["id"] for v in client.list_volumes()] == [kept.volume.id]
+    finally:
+        watch.terminate()
+        out, err = watch.communicate(timeout=30)
+    assert watch.returncode == 0, err
+    assert re.fullmatch(
+        r"vm (stopped|gone): released 1 export\(s\), removed 1 anonymous volume\(s\)\n", out
+    ), (out, err)
