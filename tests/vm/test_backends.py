@@ -23,10 +23,11 @@ from guest.build import GuestImage
 from tests.helpers import VENV_BIN, Daemon
 from tests.vm.helpers import GUEST_TIMEOUT, URI, QemuGuest, TestDomain, virtiofsd_serving
 from vmdriver.attachments import Attachments, anonymous_consumer
+from vmdriver.backends.base import NewDevice
 from vmdriver.backends.qmp import QmpBackend
-from vmdriver.driver import DomainNotPrepared
+from vmdriver.driver import DomainNotPrepared, Scope
 from vmdriver.libvirt_driver import LibvirtDriver
-from vmdriver.qmp import QmpConnection
+from vmdriver.qmp import QmpCommandError, QmpConnection
 from volumed.client import Client
 
 SCRIPT = """\
@@ -215,5 +216,21 @@ def test_qemu_that_cannot_take_a_share_is_refused_and_nothing_made(
         assert boxvol_chardevs(guest) == []
         peripherals = qmp(guest, "qom-list", path="/machine/peripheral")
         assert [e["name"] for e in peripherals if "vhost-user-fs" in e["type"]] == []
+    finally:
+        guest.stop()
+
+
+def test_qemu_refusal_names_the_vm_and_leaves_nothing(
+    guest_image: GuestImage, workdir: Path
+) -> None:
+    guest = QemuGuest(guest_image, workdir, script="sleep 300\n")
+    try:
+        guest.start()
+        backend = QmpBackend(guest.uri)
+        vm = backend.lookup("vm1")
+        device = NewDevice("bv-x", "ua-boxvol-bv-x", str(workdir / "no-such.sock"))
+        with pytest.raises(QmpCommandError, match=rf"^QEMU VM vm1 \({re.escape(guest.uri)}\): "):
+            backend.add_device(vm, device, Scope(live=True, config=False))
+        assert boxvol_chardevs(guest) == [] and backend.devices(vm) == []
     finally:
         guest.stop()

@@ -80,12 +80,19 @@ class QmpBackend:
     def close(self) -> None:
         """Nothing stays open between operations."""
 
-    def _run(self, operation: Callable[[QmpConnection], Awaitable[T]]) -> T:
+    def _run(self, operation: Callable[[QmpConnection], Awaitable[T]], name: str) -> T:
+        """One QMP session for ``operation``; QEMU's refusals name the VM and the URI."""
+
         async def session() -> T:
             async with QmpConnection.open(self.path) as qmp:
                 return await operation(qmp)
 
-        return trio.run(session)
+        try:
+            return trio.run(session)
+        except QmpCommandError as exc:
+            raise QmpCommandError(
+                f"QEMU VM {name} ({self.uri}): {exc.message}", exc.error_class
+            ) from None
 
     def _check_instance(self, qmp: QmpConnection, vm: VmRef) -> None:
         if str(qmp.instance) != vm.instance:
@@ -105,7 +112,7 @@ class QmpBackend:
             return VmRef(name, str(qmp.instance), running=running, persistent=False)
 
         try:
-            return self._run(look)
+            return self._run(look, name)
         except HypervisorUnavailable as exc:
             raise DomainNotFound(f"no QEMU for VM {name}: {exc.message}") from None
 
@@ -123,7 +130,7 @@ class QmpBackend:
             self._check_instance(qmp, vm)
             return await _devices(qmp)
 
-        return self._run(listing)
+        return self._run(listing, vm.name)
 
     def check_ready(self, vm: VmRef, scope: Scope, guest_paths: Sequence[str]) -> None:
         """Shared memory, and (q35) a free pcie-root-port per guest path."""
@@ -140,7 +147,7 @@ class QmpBackend:
                         "pcie-root-port,id=boxvol-rp1,chassis=1,slot=1 (one per share)"
                     )
 
-        self._run(check)
+        self._run(check, vm.name)
 
     def add_device(self, vm: VmRef, device: NewDevice, scope: Scope) -> None:
         """chardev-add (client), then device_add on a free port; the chardev goes again if
@@ -181,7 +188,7 @@ class QmpBackend:
                     await _remove_chardev(qmp, chardev)
                 raise
 
-        self._run(add)
+        self._run(add, vm.name)
 
     def remove_device(self, vm: VmRef, device: Device, scope: Scope, timeout: float) -> None:
         """device_del, DEVICE_DELETED awaited, then chardev-remove."""
@@ -199,7 +206,7 @@ class QmpBackend:
                     await _await_deleted(qmp, vm.name, device, timeout)
             await _remove_chardev(qmp, chardev_id(device.device_id))
 
-        self._run(remove)
+        self._run(remove, vm.name)
 
     async def watch(
         self,
