@@ -52,7 +52,7 @@ from bench.control_plane import interrupt_on_sigterm, positive_int, running_daem
 from guest.build import build_guest, default_out_dir
 from guest.domain import ensure_libvirt, guest_domain_xml
 from guest.processes import processes_naming
-from vmdriver.libvirt_driver import LibvirtDriver, ensure_event_loop
+from vmdriver.backends.libvirt import LibvirtDriver, ensure_event_loop
 from volumed.client import Client
 from volumed.errors import BoxvolError
 from volumed.exports import Via

@@ -88,3 +88,26 @@ class Daemon:
     def client(self) -> Client:
         """A client of this daemon."""
         return Client(str(self.socket))
+
+
+def boxvol(
+    daemon: Daemon | None, *args: str, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``boxvol`` CLI against ``daemon`` (or the given environment)."""
+    run_env = env if env is not None else (daemon.env if daemon else dict(os.environ))
+    return subprocess.run(
+        [str(VENV_BIN / "boxvol"), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=run_env,
+        timeout=60,
+        check=False,
+    )
+
+
+def ok(daemon: Daemon, *args: str) -> str:
+    """``boxvol ARGS`` that must succeed; its stdout."""
+    result = boxvol(daemon, *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout

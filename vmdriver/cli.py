@@ -10,7 +10,7 @@
 The URI's scheme picks the backend (docs/backends.md): ``qmp:///PATH`` is a QEMU process's
 QMP socket and ``ch:///PATH`` a Cloud Hypervisor API socket, through
 ``vmdriver.attachments``; any other URI is libvirt's, through
-``vmdriver.libvirt_driver``. Every ``-v`` spec is parsed before anything
+``vmdriver.backends.libvirt``. Every ``-v`` spec is parsed before anything
 else happens, and libvirt is imported only after that: a spec naming a host path
 (``/host:/guest``) exits 2 without libvirt or boxvold ever being touched.
 
@@ -32,14 +32,14 @@ from volumed.text import print_table, printable
 
 if TYPE_CHECKING:
     from vmdriver.attachments import Attachments
+    from vmdriver.backends.libvirt import LibvirtDriver
     from vmdriver.driver import Attachment, Scope
-    from vmdriver.libvirt_driver import LibvirtDriver
     from volumed.client import Client
 
 EXIT_OK = errors.EXIT_OK
 EXIT_FAILED = errors.EXIT_FAILED
 EXIT_USAGE = errors.EXIT_USAGE
-DEFAULT_URI = "qemu:///system"  # as vmdriver.libvirt_driver.DEFAULT_URI, without importing it
+DEFAULT_URI = "qemu:///system"  # as vmdriver.backends.libvirt.DEFAULT_URI, without importing it
 CONNECT_HELP = (
     f"the VMM to talk to (default {DEFAULT_URI}): a libvirt URI (qemu:///system), a QEMU "
     "process's QMP socket (qmp:///run/myvm/qmp.sock), a Cloud Hypervisor API socket "
@@ -159,7 +159,7 @@ def _client() -> Client:
 
 
 def _libvirt_driver(uri: str) -> LibvirtDriver:
-    from vmdriver.libvirt_driver import LibvirtDriver
+    from vmdriver.backends.libvirt import LibvirtDriver
 
     return LibvirtDriver(_client(), uri)
 

@@ -4,7 +4,7 @@ A driver makes a domain able to take virtio-fs shares (``prepare``), attaches vo
 ``-v`` specs (boot-time: the persistent definition; hot-plug: the running guest too), detaches
 them in the one safe order (device gone from the guest, then the export stopped), lists what is
 attached, and follows domain lifecycles (an undefined domain's anonymous volumes are removed).
-The libvirt implementation is ``vmdriver.libvirt_driver.LibvirtDriver``.
+The libvirt implementation is ``vmdriver.backends.libvirt.LibvirtDriver``.
 
 Pure: no libvirt, no trio at import time (the lifecycle watcher is async, so its signature names
 trio's task status only for type checkers).

@@ -10,28 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.helpers import VENV_BIN, Daemon
-
-
-def boxvol(
-    daemon: Daemon | None, *args: str, stdin: str = "", env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    run_env = env if env is not None else (daemon.env if daemon else dict(os.environ))
-    return subprocess.run(
-        [str(VENV_BIN / "boxvol"), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=run_env,
-        timeout=60,
-        check=False,
-    )
-
-
-def ok(daemon: Daemon, *args: str) -> str:
-    result = boxvol(daemon, *args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+from tests.helpers import VENV_BIN, Daemon, boxvol, ok
 
 
 def test_create_ls_inspect_rm(daemon: Daemon) -> None:

@@ -18,8 +18,7 @@ from typing import Any
 import httpx
 import trio
 
-from tests.helpers import Daemon
-from tests.integration.test_cli import boxvol, ok
+from tests.helpers import Daemon, boxvol, ok
 from volumed.errors import ForeignMount
 from volumed.gate import open_volume_directory, volume_directory
 from volumed.locations import Layout

@@ -25,7 +25,7 @@ from guest.build import GuestImage, build_guest, default_out_dir
 from guest.domain import ensure_libvirt
 from tests.helpers import Daemon
 from tests.vm.helpers import URI, Domains, gone, virtiofsd_serving
-from vmdriver.libvirt_driver import LibvirtDriver, ensure_event_loop
+from vmdriver.backends.libvirt import LibvirtDriver, ensure_event_loop
 from volumed.client import Client
 from volumed.errors import BoxvolError
 

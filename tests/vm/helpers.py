@@ -15,17 +15,34 @@ import libvirt
 from guest.build import GuestImage
 from guest.domain import guest_domain_xml
 from guest.processes import processes_naming
+from tests.helpers import Daemon
 
 URI = "qemu:///system"
 DOMAIN_PREFIX = "boxvol-test-"
 MARKER = "BOXVOL-GUEST: "
 #: Host-side limit for one guest's life; TCG boots take 5-15 s here, more under load.
 GUEST_TIMEOUT = 180.0
+#: The persistent definition, as ``virsh dumpxml --inactive`` shows it.
+INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE
 
 
 def virtiofsd_serving(*paths: Path) -> dict[int, str]:
     """virtiofsd processes whose command line names one of ``paths`` (pid -> command)."""
     return processes_naming(*(str(p) for p in paths), program="virtiofsd")
+
+
+def volume_dir(daemon: Daemon, volume: dict[str, Any]) -> Path:
+    """Where boxvold keeps a volume on the host (named: by name; anonymous: by id)."""
+    name: str | None = volume["name"]
+    if name is not None:
+        return daemon.home / "volumes" / "named" / name
+    return daemon.home / "volumes" / "anonymous" / str(volume["id"])
+
+
+def virtiofsd_running(export: dict[str, Any]) -> bool:
+    """Whether the virtiofsd boxvold reports for ``export`` runs."""
+    pid = (export.get("virtiofsd") or {}).get("pid")
+    return bool(pid) and Path(f"/proc/{pid}").exists()
 
 
 class TestDomain:
@@ -235,3 +252,32 @@ class QemuGuest:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def qemu_for(domain: str) -> list[int]:
+    """QEMU processes running ``domain``."""
+    return list(processes_naming(f"guest={domain},", program="qemu-system"))
+
+
+def wait_for(what: str, check: Any, timeout: float = 30.0) -> Any:
+    """``check()`` once it is true, polled for up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (exists and is not a zombie)."""
+    try:
+        state = next(
+            ln
+            for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if ln.startswith("State:")
+        )
+    except (OSError, StopIteration):
+        return False
+    return "Z" not in state.split()[1]

@@ -24,9 +24,9 @@ from tests.helpers import VENV_BIN, Daemon
 from tests.vm.helpers import GUEST_TIMEOUT, URI, QemuGuest, TestDomain, virtiofsd_serving
 from vmdriver.attachments import Attachments, anonymous_consumer
 from vmdriver.backends.base import NewDevice
+from vmdriver.backends.libvirt import LibvirtDriver
 from vmdriver.backends.qmp import QmpBackend
 from vmdriver.driver import DomainNotPrepared, Scope
-from vmdriver.libvirt_driver import LibvirtDriver
 from vmdriver.qmp import QmpCommandError, QmpConnection
 from volumed.client import Client
 

@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers import Daemon
-from tests.vm.helpers import Domains
-from tests.vm.test_guest_policies import alive, qemu_for, wait_for
-from tests.vm.test_libvirt_driver import volume_dir
-from vmdriver.libvirt_driver import LibvirtDriver
+from tests.vm.helpers import Domains, alive, qemu_for, volume_dir, wait_for
+from vmdriver.backends.libvirt import LibvirtDriver
 from volumed.client import Client
 
 #: Writes, waits for the host's go (a file in the volume), writes again, powers off.

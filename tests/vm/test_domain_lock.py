@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.helpers import URI, Domains, TestDomain
-from tests.vm.test_libvirt_driver import INACTIVE
+from tests.vm.helpers import INACTIVE, URI, Domains, TestDomain
 from vmdriver import domain_xml as dx
+from vmdriver.backends.libvirt import LibvirtDriver
 from vmdriver.driver import DomainBusy
-from vmdriver.libvirt_driver import LibvirtDriver
 from vmdriver.locks import domain_lock
 from volumed.client import Client
 

@@ -11,18 +11,24 @@ import os
 import secrets
 import signal
 import stat
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from guest.processes import processes_naming
 from tests.helpers import Daemon
-from tests.vm.helpers import URI, Domains, virtiofsd_serving
-from tests.vm.test_libvirt_driver import virtiofsd_running, volume_dir
-from vmdriver.libvirt_driver import LibvirtDriver
+from tests.vm.helpers import (
+    URI,
+    Domains,
+    alive,
+    qemu_for,
+    virtiofsd_running,
+    virtiofsd_serving,
+    volume_dir,
+    wait_for,
+)
+from vmdriver.backends.libvirt import LibvirtDriver
 from volumed.client import Client
 
 OWNER = (1234, 2345)
@@ -42,21 +48,6 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
 
 def listing(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
-
-
-def qemu_for(domain: str) -> list[int]:
-    """QEMU processes running ``domain``."""
-    return list(processes_naming(f"guest={domain},", program="qemu-system"))
-
-
-def wait_for(what: str, check: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 # -- 1: a read-only attachment stays read-only, also after remount,rw -----------------------
@@ -326,18 +317,6 @@ def children(pid: int) -> list[int]:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = next(
-            ln
-            for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
-            if ln.startswith("State:")
-        )
-    except (OSError, StopIteration):
-        return False
-    return "Z" not in state.split()[1]
 
 
 def test_killed_virtiofsd_is_reported_and_rearmed(

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -20,25 +19,15 @@ import pytest
 import trio
 
 from tests.helpers import REPO, VENV_BIN, Daemon
-from tests.vm.helpers import URI, Domains, TestDomain
+from tests.vm.helpers import INACTIVE, URI, Domains, TestDomain, virtiofsd_running, volume_dir
 from vmdriver import domain_xml as dx
 from vmdriver.attachments import anonymous_consumer
+from vmdriver.backends.libvirt import LibvirtDriver
 from vmdriver.cli import main_vm
 from vmdriver.driver import DeviceRemovalTimeout, HypervisorError, LifecycleEvent, Scope
-from vmdriver.libvirt_driver import LibvirtDriver
 from volumed.client import Client
 from volumed.errors import HostPathRefused, NotFound
 from volumed.specs import parse_specs
-
-INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE
-
-
-def volume_dir(daemon: Daemon, volume: dict[str, Any]) -> Path:
-    """Where boxvold keeps a volume on the host (named: by name; anonymous: by id)."""
-    name: str | None = volume["name"]
-    if name is not None:
-        return daemon.home / "volumes" / "named" / name
-    return daemon.home / "volumes" / "anonymous" / str(volume["id"])
 
 
 def config_xml(domain: TestDomain) -> str:
@@ -47,11 +36,6 @@ def config_xml(domain: TestDomain) -> str:
 
 def live_xml(domain: TestDomain) -> str:
     return str(domain.dom.XMLDesc(0))
-
-
-def virtiofsd_running(export: dict[str, Any]) -> bool:
-    pid = (export.get("virtiofsd") or {}).get("pid")
-    return bool(pid) and Path(f"/proc/{pid}").exists()
 
 
 # -- 1: boot-time attachment of a named volume, shared by two domains -----------------------

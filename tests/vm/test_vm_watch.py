@@ -26,9 +26,9 @@ from guest.domain import ensure_libvirt
 from tests.helpers import VENV_BIN, Daemon
 from tests.vm.helpers import URI, Domains, TestDomain, gone
 from vmdriver.attachments import anonymous_consumer
+from vmdriver.backends.libvirt import LibvirtDriver
+from vmdriver.backends.libvirt_watch import watch
 from vmdriver.driver import HypervisorUnavailable, LifecycleEvent, Scope
-from vmdriver.libvirt_driver import LibvirtDriver
-from vmdriver.libvirt_watch import watch
 from volumed.client import Client
 from volumed.errors import NotFound
 
@@ -240,7 +240,7 @@ class Records(logging.Handler):
 @pytest.fixture
 def watch_log() -> Iterator[Records]:
     records = Records()
-    logger = logging.getLogger("vmdriver.libvirt_watch")
+    logger = logging.getLogger("vmdriver.backends.libvirt_watch")
     logger.addHandler(records)
     old_level = logger.level
     logger.setLevel(logging.INFO)

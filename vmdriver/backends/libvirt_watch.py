@@ -18,7 +18,7 @@ by it or as an event (at worst both; a second release finds nothing left).
 
 Callbacks run on libvirt's event thread and only hand what they saw into a trio memory
 channel; they never change state. Reactions and libvirt calls run in worker threads, so the
-trio loop never blocks. Imports libvirt only through ``vmdriver.libvirt_driver``.
+trio loop never blocks. Imports libvirt only through ``vmdriver.backends.libvirt``.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from vmdriver.driver import LifecycleEvent
 from volumed.errors import BoxvolError
 
 if TYPE_CHECKING:
-    from vmdriver.libvirt_driver import Subscription
+    from vmdriver.backends.libvirt import Subscription
 
 
 class Watched(Protocol):
     """What the watcher drives: a libvirt connection's subscriptions (``uri``,
     ``subscribe``, ``unsubscribe``, ``close``) and the reactions to what it sees
-    (``reconcile``, ``handle_lifecycle_event``); ``vmdriver.libvirt_driver.LibvirtDriver``."""
+    (``reconcile``, ``handle_lifecycle_event``); ``vmdriver.backends.libvirt.LibvirtDriver``."""
 
     uri: str
 

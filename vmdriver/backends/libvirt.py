@@ -1,25 +1,23 @@
-"""The libvirt VM driver: virtio-fs shares served by boxvold, attached through libvirt.
+"""The libvirt backend: virtio-fs shares served by boxvold, attached through libvirt.
 
-Owns the libvirt edge: one connection per driver (any libvirt URI; ``qemu:///system`` by
-default), libvirt's default event loop running in one daemon thread, the translation of libvirt
-errors into boxvol's by error code (never by message text), and the order of operations that
-keeps a guest from ever talking to a stopped virtiofsd:
+``LibvirtBackend`` is the backend of the attach workflow (``vmdriver.attachments``) for one
+libvirt connection (any libvirt URI; ``qemu:///system`` by default): domains looked up by
+name and known by UUID, boxvol's filesystem devices in the running guest and the persistent
+definition, each added with a copy of its record in the domain's metadata (and a
+``boxvol.mount=`` word on a kernel-booted guest's command line), each removed from the running
+guest with the removal *confirmed* by libvirt's DEVICE_REMOVED event before the workflow
+stops its export. It also owns libvirt's default event loop (one daemon thread) and the
+translation of libvirt errors into boxvol's by error code (never by message text).
 
-- attach: volumes resolved (``ensure_spec_volumes``), a virtio-fs export per volume from
-  boxvold (it owns the vhost-user socket and the virtiofsd behind it), then the device, then
-  the record of the guest path (domain metadata, and ``boxvol.mount=`` on the kernel command
-  line for guests booted from a kernel, like boxvol's test guest);
-- detach: the device removed from the running guest and the removal *confirmed* by libvirt's
-  DEVICE_REMOVED event, then from the persistent definition, then the export deleted (which
-  stops virtiofsd). If the guest does not let go in time, the export stays;
-- lifecycle: a stopped domain keeps its exports (boxvold re-arms virtiofsd for the next boot);
-  an undefined one has its exports deleted and its anonymous volumes removed, when its event
-  arrives or, if nothing was watching then, at the next ``reconcile`` (``vmdriver.libvirt_watch``
-  runs one at start and after every reconnection).
+``LibvirtDriver`` is the workflow over that backend plus what only libvirt has: ``prepare``
+(shared memory and spare root ports in a domain's definition) and the lifecycle watcher that
+reconnects after a libvirtd restart (``vmdriver.backends.libvirt_watch``). A stopped domain
+keeps its exports (boxvold re-arms virtiofsd for the next boot); an undefined one has them
+released, when its event arrives or at the next reconcile.
 
 Event callbacks run on libvirt's event thread and only hand what they saw to the side waiting
 for it (a condition variable for device removals, a trio memory channel for lifecycle events);
-they never change state themselves. Every method except ``watch_lifecycle`` blocks.
+they never change state themselves. Every method except the watchers blocks.
 
 Talks to boxvold only through ``volumed.client``; boxvold never imports this module.
 """
@@ -425,8 +423,8 @@ class LibvirtBackend:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Report each domain that is gone (undefined, or a transient one stopped), through
-        ``vmdriver.libvirt_watch`` (it also reconnects after libvirtd restarts)."""
-        from vmdriver.libvirt_watch import watch
+        ``vmdriver.backends.libvirt_watch`` (it also reconnects after libvirtd restarts)."""
+        from vmdriver.backends.libvirt_watch import watch
 
         await watch(_EndReporter(self, on_ended), task_status=task_status)
 
@@ -613,7 +611,7 @@ class LibvirtBackend:
         gone = kind in ("undefined", "stopped") and self._gone(uuid)
         return LifecycleEvent(name, uuid, "gone" if gone else kind)
 
-    # -- lifecycle subscriptions (for ``vmdriver.libvirt_watch``) -------------------------
+    # -- lifecycle subscriptions (for ``vmdriver.backends.libvirt_watch``) --------------------
 
     def subscribe(
         self,
@@ -654,7 +652,7 @@ class LibvirtBackend:
 
 
 class _EndReporter:
-    """What ``vmdriver.libvirt_watch`` drives, for ``LibvirtBackend.watch``: domains that
+    """What ``vmdriver.backends.libvirt_watch`` drives, for ``LibvirtBackend.watch``: domains that
     are gone go to ``on_ended``; reconciling is the workflow's."""
 
     def __init__(self, backend: LibvirtBackend, on_ended: Callable[[str], Awaitable[object]]):
@@ -687,7 +685,7 @@ class _EndReporter:
 class LibvirtDriver(Attachments):
     """The attach workflow (``vmdriver.attachments``) over a libvirt connection, plus what
     only libvirt has: ``prepare`` (shared memory and spare root ports in a domain's
-    definition) and its lifecycle watcher with reconnection (``vmdriver.libvirt_watch``).
+    definition) and its lifecycle watcher with reconnection (``vmdriver.backends.libvirt_watch``).
 
     Attributes:
         client: boxvold's API client (volumes and exports).
@@ -751,8 +749,8 @@ class LibvirtDriver(Attachments):
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Follow libvirt's domain lifecycle events until cancelled, reconciling at start,
-        after every reconnection and every minute; see ``vmdriver.libvirt_watch.watch``."""
-        from vmdriver.libvirt_watch import watch
+        after every reconnection and every minute; see ``vmdriver.backends.libvirt_watch.watch``."""
+        from vmdriver.backends.libvirt_watch import watch
 
         await watch(self, on_event=on_event, task_status=task_status)
 
