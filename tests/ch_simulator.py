@@ -18,6 +18,9 @@ their status codes. It refuses whatever the document says the real one refuses:
   has ejected it: here after ``--eject-after`` seconds, or never with ``--never-eject``.
 - any other endpoint: 404; a known endpoint with another method: 405.
 
+Fault injection (not part of the API): ``--fail-add-after N`` answers 500 to every add-fs
+after the first N, as a Cloud Hypervisor that runs out of PCI slots or memory would.
+
 Run: ``python tests/ch_simulator.py --api-socket PATH [--shared-memory] [--not-created]
 [--eject-after S | --never-eject]``; it serves until SIGTERM.
 """
@@ -44,8 +47,16 @@ MAX_TAG_BYTES = 36
 class Vm:
     """The simulated VM: its configuration, and the vhost-user connections of its devices."""
 
-    def __init__(self, *, created: bool, shared: bool, eject_after: float | None) -> None:
+    def __init__(
+        self,
+        *,
+        created: bool,
+        shared: bool,
+        eject_after: float | None,
+        fail_add_after: int | None = None,
+    ) -> None:
         self.created = created
+        self.adds_left = fail_add_after
         self.lock = threading.Lock()
         self.config: dict[str, Any] = {
             "payload": {"kernel": "/simulated/vmlinux"},
@@ -70,6 +81,10 @@ class Vm:
             device_id = body.get("id") or f"_fs{len(self.config['fs'])}"
             if any(fs.get("id") == device_id for fs in self.config["fs"]):
                 return 409, f"a device with identifier {device_id} already exists"
+            if self.adds_left is not None:
+                if self.adds_left == 0:
+                    return 500, "failed to add the virtio-fs device: no PCI slot left"
+                self.adds_left -= 1
             connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 connection.connect(body["socket"])
@@ -203,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--eject-after", type=float, default=0.2)
     group.add_argument("--never-eject", action="store_true")
+    parser.add_argument("--fail-add-after", type=int, default=None)
     args = parser.parse_args(argv)
     vm = Vm(
         created=not args.not_created,
         shared=args.shared_memory,
         eject_after=None if args.never_eject else args.eject_after,
+        fail_add_after=args.fail_add_after,
     )
     server = Server(args.api_socket, vm)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())

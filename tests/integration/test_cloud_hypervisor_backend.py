@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import REPO, VENV_BIN, Daemon
 from vmdriver.attachments import Attachments, anonymous_consumer
 from vmdriver.backends.base import NewDevice
-from vmdriver.backends.cloud_hypervisor import CloudHypervisorBackend
+from vmdriver.backends.cloud_hypervisor import ChApiError, CloudHypervisorBackend
 from vmdriver.driver import DeviceRemovalTimeout, DomainNotFound, DomainNotPrepared, Scope
 from volumed.client import Client
 from volumed.errors import Conflict, HostPathRefused
@@ -202,7 +202,7 @@ def test_watch_over_two_uris_releases_only_the_vm_that_ended(
         # outcome is the same; the report says which ("stopped" or "gone").
         first.stop()
         deadline = time.monotonic() + 60
-        while len(client.list_exports()) > 1:
+        while len(client.list_exports()) > 1 or len(client.list_volumes()) > 1:
             assert watch.poll() is None, watch.communicate()
             assert time.monotonic() < deadline, "the watcher did not release the first vm"
             time.sleep(0.1)
@@ -217,3 +217,17 @@ def test_watch_over_two_uris_releases_only_the_vm_that_ended(
     assert re.fullmatch(
         r"vm (stopped|gone): released 1 export\(s\), removed 1 anonymous volume\(s\)\n", out
     ), (out, err)
+
+
+def test_a_refused_device_rolls_the_attach_back(
+    client: Client, simulators: Callable[..., Simulator], tmp_path: Path
+) -> None:
+    """The second add-fs fails (500): the first device is removed again (after the guest
+    ejected it), then its export, then both anonymous volumes; nothing is left."""
+    sim = simulators("--shared-memory", "--fail-add-after", "1")
+    flow = workflow(client, sim, tmp_path)
+    with pytest.raises(ChApiError, match="HTTP 500"):
+        flow.attach("vm1", ["/a", "/b"])
+    backend = CloudHypervisorBackend(sim.uri)
+    assert backend.devices(backend.lookup("vm1")) == []
+    assert client.list_exports() == [] and client.list_volumes() == []
