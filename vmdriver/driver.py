@@ -1,26 +1,21 @@
-"""The VM driver interface: what boxvol asks of a hypervisor backend, and its errors.
+"""The VM driver's vocabulary: scopes, attachments, lifecycle events, and its errors.
 
-A driver makes a domain able to take virtio-fs shares (``prepare``), attaches volumes given as
-``-v`` specs (boot-time: the persistent definition; hot-plug: the running guest too), detaches
-them in the one safe order (device gone from the guest, then the export stopped), lists what is
-attached, and follows domain lifecycles (an undefined domain's anonymous volumes are removed).
-The libvirt implementation is ``vmdriver.backends.libvirt.LibvirtDriver``.
+What the attach workflow (``vmdriver.attachments``) and every backend (``vmdriver.backends``)
+share: the ``Attachment`` that ``boxvol vm ls`` prints, the ``Scope`` of a change (the running
+guest, the persistent definition), what a release let go, and one error hierarchy mapped to
+exit codes by the CLI.
 
-Pure: no libvirt, no trio at import time (the lifecycle watcher is async, so its signature names
-trio's task status only for type checkers).
+Pure: no libvirt, no trio at import time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal
 
 from volumed.errors import BoxvolError, Conflict, InvalidArgument, NotFound
 from volumed.specs import VolumeSpec
-
-if TYPE_CHECKING:
-    import trio
 
 Via = Literal["direct", "fuse"]
 VIAS: tuple[Via, ...] = ("direct", "fuse")
@@ -198,67 +193,6 @@ class DeviceRemovalFailed(VMDriverError):
     """The hypervisor reported that the guest refused to release a device."""
 
     code = "device_removal_failed"
-
-
-# -- the interface ----------------------------------------------------------------------
-
-
-class VMDriver(Protocol):
-    """A hypervisor backend. Every method but ``watch_lifecycle`` blocks (it talks to the
-    hypervisor and to boxvold); call them from a worker thread in async code."""
-
-    def prepare(self, domain: str, *, spare_root_ports: int = ...) -> PrepareResult:
-        """Give the domain shared memory and (q35) spare PCIe root ports for hot-plug."""
-        ...
-
-    def attach(
-        self,
-        domain: str,
-        specs: Sequence[VolumeSpec | str],
-        *,
-        scope: Scope | None = None,
-        via: Via = "direct",
-    ) -> list[Attachment]:
-        """Attach a volume per spec (``-v`` text or parsed), all or nothing; the whole list
-        is validated before anything (a host path is refused before the hypervisor is
-        touched)."""
-        ...
-
-    def detach(
-        self,
-        domain: str,
-        targets: Sequence[str] = (),
-        *,
-        scope: Scope | None = None,
-        timeout: float = ...,
-    ) -> list[Attachment]:
-        """Detach attachments by tag or guest path (every one if ``targets`` is empty):
-        device removed from the guest and confirmed, then from the config, then the export
-        deleted. A device the guest does not release in ``timeout`` keeps its export."""
-        ...
-
-    def list_attachments(self, domain: str) -> list[Attachment]:
-        """The domain's boxvol attachments, live and persistent."""
-        ...
-
-    def release(self, domain: str) -> Released:
-        """Delete the exports and anonymous volumes of a domain that no longer exists."""
-        ...
-
-    def reconcile(self) -> list[LifecycleEvent]:
-        """Release the domains boxvold still exports to that no longer exist (undefined
-        while nothing watched); one ``gone`` event per domain released."""
-        ...
-
-    async def watch_lifecycle(
-        self,
-        *,
-        on_event: Any = None,
-        task_status: trio.TaskStatus[None] = ...,
-    ) -> None:
-        """Follow domain lifecycle events until cancelled; release undefined domains, and
-        reconcile at start and whenever the hypervisor connection is re-established."""
-        ...
 
 
 def check_specs_against(specs: Sequence[VolumeSpec], existing: Sequence[Attachment]) -> None:
