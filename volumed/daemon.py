@@ -26,8 +26,6 @@ from volumed import __version__, errors, locations
 from volumed.api import Service, create_app
 from volumed.daemon_options import add_daemon_options, default_vhost_group, resolve_dirs
 from volumed.export_manager import ExportManager
-from volumed.fs.mount import serve_fuse
-from volumed.fs.operations import BoxvolFS
 from volumed.http_server import HttpServer, ServerLimits
 from volumed.store import VolumeStore
 from volumed.unix_sockets import bind_private, check_socket_path
@@ -141,16 +139,11 @@ async def serve_boxvold(
         stack.callback(store.close)
         reconciled = await trio.to_thread.run_sync(store.reconcile)
 
-        fs = BoxvolFS(_open_dir_fd(store.layout.volumes))
-        stack.callback(os.close, fs.statfs_fd)
-        mount_root = os.path.join(config.runtime_dir, "fs")
         vhost_gid = _group_id(config.vhost_group)
         service = Service(
             store,
             reconciled,
-            lambda writer: ExportManager(
-                store, fs, config.runtime_dir, writer, vhost_gid=vhost_gid
-            ),
+            lambda writer: ExportManager(store, config.runtime_dir, writer, vhost_gid=vhost_gid),
         )
 
         listener = bind_api_socket(config.socket_path, config.socket_group)
@@ -159,7 +152,6 @@ async def serve_boxvold(
 
         server = HttpServer(create_app(service), fit_limits(config.limits), unqueued=UNQUEUED_PATHS)
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_fuse, fs, mount_root)
             await nursery.start(service.exports.serve)
             await nursery.start(server.serve, listener)
             log.info(
@@ -220,10 +212,6 @@ def _group_id(name: str | None) -> int | None:
         raise errors.InvalidArgument(
             f"no group {name!r} on this host; give the group QEMU runs with (--vhost-group)"
         ) from None
-
-
-def _open_dir_fd(path: str) -> int:
-    return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def _unlink_quietly(path: str) -> None:

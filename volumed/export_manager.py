@@ -1,9 +1,10 @@
 """Export lifecycle: creates, lists and removes exports, and re-establishes them at start.
 
-It keeps in step the registry's export rows (which make a volume "in use"), the FUSE
-filesystem's view of each export, the virtiofsd supervisors of virtio-fs exports, and the
-volume directories opened through the gate. Runs on the trio loop; registry and gate work go
-to worker threads.
+It keeps in step the registry's export rows (which make a volume "in use"), the server
+process behind each FUSE view (``volumed.export_server``; one process and one mount per
+export), the virtiofsd supervisors of virtio-fs exports, and the volume directories opened
+through the gate. Runs on the trio loop; registry and gate work go to worker threads. Must not
+import pyfuse3: only the export servers load it.
 
 A recorded export whose volume directory has a foreign mount on it at start (the gate raises
 ``ForeignMount``) is kept but not served: its row stays, so the volume stays in use and is not
@@ -13,6 +14,7 @@ would lose the export for good over a state the operator fixes with one ``umount
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -24,6 +26,7 @@ import trio
 from ulid import ULID
 
 from volumed.errors import BoxvolError, Conflict, ForeignMount, NotFound
+from volumed.export_server import FuseServerSupervisor, stop_orphans
 from volumed.exports import (
     Export,
     ExportPolicy,
@@ -32,9 +35,7 @@ from volumed.exports import (
     check_policy,
     check_target,
 )
-from volumed.fs.nodes import ExportState
-from volumed.fs.operations import BoxvolFS
-from volumed.fs.views import make_view
+from volumed.fs.fuse_mount import detach_all_under
 from volumed.gate import open_volume_directory, volume_directory
 from volumed.model import Volume
 from volumed.store import VolumeStore, utc_now
@@ -44,6 +45,8 @@ from volumed.virtiofsd import Virtiofsd, find_virtiofsd
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 VHOST_DIR_MODE = 0o750
+#: Others may enter an export whose id they know, not list the exports.
+MOUNT_ROOT_MODE = 0o711
 
 
 @dataclasses.dataclass(slots=True)
@@ -54,7 +57,8 @@ class LiveExport:
     volume: Volume
     mountpoint: str | None
     socket: str | None = None
-    state: ExportState | None = None
+    #: The server process of its FUSE view, if it has one.
+    server: FuseServerSupervisor | None = None
     supervisor: VhostSupervisor | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -67,6 +71,7 @@ class LiveExport:
             "consumer": self.export.consumer,
             "created_at": self.export.created_at,
             "mountpoint": self.mountpoint,
+            "server": self.server.status() if self.server else None,
         }
         target = self.export.virtiofs
         if target is not None:
@@ -82,7 +87,6 @@ class ExportManager:
     def __init__(
         self,
         store: VolumeStore,
-        fs: BoxvolFS,
         runtime_dir: str,
         writer: trio.CapacityLimiter,
         *,
@@ -90,8 +94,9 @@ class ExportManager:
         virtiofsd: Callable[[], Virtiofsd] = find_virtiofsd,
     ) -> None:
         self.store = store
-        self.fs = fs
         self.mount_root = os.path.join(runtime_dir, "fs")
+        #: The export servers' logs and pidfiles (not under the mount root: it lists exports).
+        self.servers_dir = os.path.join(runtime_dir, "servers")
         self.vhost_dir = os.path.join(runtime_dir, "vhost")
         self.vhost_gid = vhost_gid
         self._find_virtiofsd = virtiofsd
@@ -106,7 +111,9 @@ class ExportManager:
         self.lock = trio.Lock()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Host the virtiofsd supervisors until cancelled; restores recorded exports first."""
+        """Host the export servers and virtiofsd supervisors until cancelled; clears the
+        mounts a crashed boxvold left and restores the recorded exports first."""
+        await trio.to_thread.run_sync(self._prepare_mount_root)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self.restore()
@@ -122,24 +129,33 @@ class ExportManager:
         """Give a recorded export its FUSE view and/or its virtiofsd."""
         live = LiveExport(export, volume, mountpoint=None)
         if export.served_by_fuse_view:
-            fd, st = await self._thread(
-                functools.partial(
+            mountpoint = os.path.join(self.mount_root, export.id)
+
+            async def rearm_virtiofsd() -> None:
+                if live.supervisor is not None:
+                    await live.supervisor.restart()
+
+            live.server = FuseServerSupervisor(
+                export,
+                mountpoint=mountpoint,
+                open_root=functools.partial(
                     open_volume_directory,
                     self.store.layout,
                     volume,
                     own_mounts=self.store.own_mounts,
-                )
+                ),
+                state_dir=self.servers_dir,
+                on_restart=rearm_virtiofsd,
             )
-            view = make_view(read_only=export.policy.read_only, owner=export.policy.owner)
-            live.state = ExportState(export, view)
-            self.fs.add_export(live.state, fd, st)
-            live.mountpoint = os.path.join(self.mount_root, export.id)
+            assert self._nursery is not None
+            await self._nursery.start(live.server.serve)
+            live.mountpoint = mountpoint
         if export.virtiofs is not None:
             try:
                 live.supervisor = await self._start_virtiofsd(export, volume, live.mountpoint)
             except BaseException:
-                if live.state is not None:
-                    await self.fs.remove_export(live.state)
+                if live.server is not None:
+                    await live.server.stop()
                 raise
             live.socket = live.supervisor.socket_path
         self._live[export.id] = live
@@ -171,6 +187,20 @@ class ExportManager:
         )
         await self._nursery.start(supervisor.serve)
         return supervisor
+
+    def _prepare_mount_root(self) -> None:
+        os.makedirs(self.servers_dir, mode=0o700, exist_ok=True)
+        for pid in stop_orphans(self.servers_dir):
+            log.warning("stopped an export server a previous boxvold left pid=%d", pid)
+        for point in detach_all_under(self.mount_root):
+            log.warning("detached a stale mount mountpoint=%s", point)
+        os.makedirs(self.mount_root, mode=MOUNT_ROOT_MODE, exist_ok=True)
+        os.chmod(self.mount_root, MOUNT_ROOT_MODE)
+        for name in os.listdir(self.mount_root):
+            path = os.path.join(self.mount_root, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)  # an empty mountpoint of an export that is gone
 
     def _prepare_vhost_dir(self) -> None:
         os.makedirs(self.vhost_dir, mode=VHOST_DIR_MODE, exist_ok=True)
@@ -302,8 +332,8 @@ class ExportManager:
         self._live.pop(live.export.id, None)
         if live.supervisor is not None:
             await live.supervisor.stop()
-        if live.state is not None:
-            await self.fs.remove_export(live.state)
+        if live.server is not None:
+            await live.server.stop()
         await self._thread(self.store.registry.remove_export, live.export.id)
         log.info("export removed id=%s volume=%s", live.export.id, live.volume.key)
         return live

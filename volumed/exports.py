@@ -7,6 +7,7 @@ cache) is fixed when it is created. Must not import pyfuse3 or trio.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Literal
 
 from volumed.errors import InvalidArgument
@@ -63,8 +64,7 @@ GUEST_PATH = TextRule(
     f"^/[^{UNSAFE_CHARS}]*$",
     MAX_GUEST_PATH_CHARS,
     rule=(
-        f"an absolute path in the guest, up to {MAX_GUEST_PATH_CHARS} characters, "
-        f"{SAFE_TEXT_RULE}"
+        f"an absolute path in the guest, up to {MAX_GUEST_PATH_CHARS} characters, {SAFE_TEXT_RULE}"
     ),
 )
 MAX_ID = (1 << 32) - 2  # uid/gid 4294967295 is (uid_t)-1, "no change"
@@ -280,3 +280,22 @@ class Export:
 
 def _optional_text(value: object) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def encode_export(export: Export) -> str:
+    """An export's registry row as one JSON text (what boxvold hands an export server)."""
+    return json.dumps(
+        {
+            "id": export.id,
+            "volume_id": export.volume_id,
+            "kind": export.kind,
+            "created_at": export.created_at,
+            "spec": export.spec(),
+        }
+    )
+
+
+def decode_export(text: str) -> Export:
+    """Inverse of ``encode_export``."""
+    row = json.loads(text)
+    return Export.from_row(row["id"], row["volume_id"], row["kind"], row["created_at"], row["spec"])

@@ -14,7 +14,6 @@ import trio
 
 from volumed.api import Service, create_app, openapi_document
 from volumed.export_manager import ExportManager
-from volumed.fs.operations import BoxvolFS
 from volumed.store import VolumeStore
 
 
@@ -25,7 +24,7 @@ def generate() -> str:
         try:
 
             def exports(writer: trio.CapacityLimiter) -> ExportManager:
-                return ExportManager(store, BoxvolFS(-1), home, writer)
+                return ExportManager(store, home, writer)
 
             return openapi_document(create_app(Service(store, [], exports)))
         finally:

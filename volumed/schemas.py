@@ -247,6 +247,14 @@ class VirtiofsdStatus(BaseModel):
     source_lost: bool = False
 
 
+class ServerStatus(BaseModel):
+    """The server process behind an export's FUSE view (one per export)."""
+
+    pid: int | None
+    restarts: int
+    last_exit: int | None
+
+
 class ExportOut(BaseModel):
     """A live export."""
 
@@ -259,6 +267,9 @@ class ExportOut(BaseModel):
     consumer: str | ExportConsumer | None
     created_at: str
     mountpoint: str | None = Field(description="Where the FUSE view is, if there is one.")
+    server: ServerStatus | None = Field(
+        default=None, description="The process serving the FUSE view, if there is one."
+    )
     via: Literal["direct", "fuse"] | None = None
     tag: str | None = None
     socket: str | None = Field(default=None, description="The vhost-user socket (virtiofs).")

@@ -115,6 +115,8 @@ class VhostSupervisor:
         #: True while an adopted virtiofsd serves a FUSE view that died with boxvold.
         self.source_lost = False
         self._stopping = False
+        #: Set by ``restart``: the next exit is a replacement, not a crash.
+        self._replace = False
         self._scope: trio.CancelScope | None = None
         self._done = trio.Event()
 
@@ -159,6 +161,16 @@ class VhostSupervisor:
         for leftover in (self.pidfile, self.logfile):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
+
+    async def restart(self) -> None:
+        """Replace the running virtiofsd with a fresh one: its source (an export server's
+        FUSE mount) was mounted again after that server died."""
+        pid = self.pid
+        if pid is None:
+            return
+        self._replace = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
     def _adoptable_pid(self) -> int | None:
         try:
@@ -258,6 +270,10 @@ class VhostSupervisor:
                     started = time.monotonic()
                     status = await self._run_once(listener, task_status)
                     task_status = trio.TASK_STATUS_IGNORED
+                    if self._replace:
+                        self._replace = False
+                        log.info("virtiofsd re-armed on a fresh source export=%s", self.export_id)
+                        continue
                     self.last_exit = status
                     if status == 0:
                         log.info("virtiofsd session ended export=%s; re-arming", self.export_id)

@@ -27,7 +27,7 @@ from tests.integration.fuse_helpers import (
     run_as,
 )
 from volumed.errors import InUse, NotFound
-from volumed.fs.mount import mounted_at
+from volumed.fs.fuse_mount import mounted_at
 
 USER = (4242, 4242)
 DT_DIR = 4
@@ -39,17 +39,23 @@ def export(daemon: Daemon) -> Iterator[Export]:
 
 
 def test_export_appears_and_lists_only_live_exports(daemon: Daemon, export: Export) -> None:
+    """Each export is a FUSE mount of its own under the mount root, served by a process of
+    its own."""
     root = daemon.runtime_dir / "fs"
-    assert mounted_at(str(root))
+    assert not mounted_at(str(root)) and mounted_at(str(export.path))
     assert os.listdir(root) == [export.id]
     assert stat.S_IMODE(os.stat(root).st_mode) == 0o711
     other = Export(daemon, "other")
     assert sorted(os.listdir(root)) == sorted([export.id, other.id])
     assert daemon.client().list_exports("other")[0]["id"] == other.id
+    servers = {e["id"]: e["server"]["pid"] for e in daemon.client().list_exports()}
+    assert len(set(servers.values())) == 2 and daemon.process is not None
+    assert daemon.process.pid not in servers.values()
     daemon.client().remove_export(other.id)
     assert os.listdir(root) == [export.id]
     with pytest.raises(FileNotFoundError):
         os.stat(other.path)
+    assert not Path(f"/proc/{servers[other.id]}").exists()
 
 
 def test_files_and_directories(export: Export) -> None:
@@ -371,7 +377,7 @@ def test_removed_export_vanishes_and_open_files_go_stale(daemon: Daemon, export:
         for attempt in stale:
             with pytest.raises(OSError) as caught:
                 attempt()
-            assert caught.value.errno in (errno.ESTALE, errno.EIO, errno.ENOENT)
+            assert caught.value.errno in (errno.ESTALE, errno.EIO, errno.ENOENT, errno.ENOTCONN)
     finally:
         with contextlib.suppress(OSError):  # close reports the stale handle too
             os.close(fd)
@@ -417,20 +423,13 @@ def test_listings_show_dot_and_dotdot_as_ext4_does(daemon: Daemon, export: Expor
     names = {"inner"} | {f"n{i:03d}" for i in range(100)}
     for name in names - {"inner"}:
         (sub / name).write_text("")
-    mount_root = daemon.runtime_dir / "fs"
-    for directory, expected in ((export.path, ["sub"]), (mount_root, [export.id])):
-        listed = subprocess.run(
-            ["ls", "-a", str(directory)], capture_output=True, text=True, check=True
-        ).stdout.split()
-        assert listed == [".", "..", *expected]
-    # (directory, what its ".." is): an export's ".." is the mount's root, as a path walk
-    # from it finds; the root's own ".." is itself, as on every filesystem's root.
-    cases = (
-        (inner, sub),
-        (sub, export.path),
-        (export.path, mount_root),
-        (mount_root, mount_root),
-    )
+    listed = subprocess.run(
+        ["ls", "-a", str(export.path)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert listed == [".", "..", "sub"]
+    # (directory, what its ".." is): the export is a mount of its own, and its root's ".."
+    # entry is itself, as on every filesystem's root (a path walk leaves the mount instead).
+    cases = ((inner, sub), (sub, export.path), (export.path, export.path))
     for directory, parent in cases:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -464,11 +463,11 @@ def test_deep_paths(export: Export) -> None:
     assert depth > 15
 
 
-def test_a_slow_client_does_not_stall_others(daemon: Daemon, export: Export) -> None:
-    """Blocking syscalls run in worker threads: while one client's fsync is stuck in the
-    kernel (the backing filesystem is frozen), another client's stat is still answered."""
+def test_a_frozen_export_stalls_only_its_own_server(daemon: Daemon, export: Export) -> None:
+    """Syscalls run inline in each export's own server process: while one export's write is
+    stuck in the kernel (its backing filesystem is frozen), that server alone waits; another
+    export's server answers and so does the API."""
     import shutil
-    import subprocess
     import tempfile
 
     image_dir = Path(tempfile.mkdtemp(dir="/var/tmp"))
@@ -486,20 +485,25 @@ def test_a_slow_client_does_not_stall_others(daemon: Daemon, export: Export) -> 
         )
         frozen.start()
         try:
-            # No kernel caching: every stat below must be answered by the daemon itself.
-            ex = Export(frozen, "data", cache="none")
-            (ex.path / "probe").write_text("x")
+            # No kernel caching: every stat below must be answered by a server itself.
+            stuck = Export(frozen, "data", cache="none")
+            other = Export(frozen, "other", cache="none")
+            (stuck.path / "probe").write_text("x")
+            (other.path / "probe").write_text("y")
+            client = frozen.client()
+            stuck_pid = client.get_export(stuck.id)["server"]["pid"]
             subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
             writer = threading.Thread(
-                target=lambda: (ex.path / "w").write_bytes(b"y" * 100000), daemon=True
+                target=lambda: (stuck.path / "w").write_bytes(b"y" * 100000), daemon=True
             )
             try:
                 writer.start()
-                _wait_for_blocked_thread(frozen)
+                _wait_for_blocked_process(stuck_pid)
                 # (Only stats: reading a directory would update its atime, which the frozen
                 # filesystem blocks in the kernel for any process, FUSE or not.)
                 for _ in range(20):
-                    assert os.stat(ex.path / "probe").st_size == 1
+                    assert os.stat(other.path / "probe").st_size == 1
+                    assert client.health()["status"] == "ok"
                 assert writer.is_alive()
             finally:
                 subprocess.run(["fsfreeze", "-u", str(mnt)], check=True)
@@ -513,13 +517,12 @@ def test_a_slow_client_does_not_stall_others(daemon: Daemon, export: Export) -> 
         shutil.rmtree(image_dir)
 
 
-def _wait_for_blocked_thread(daemon: Daemon) -> None:
-    """Poll (bounded) until one of boxvold's threads sleeps uninterruptibly in the kernel."""
+def _wait_for_blocked_process(pid: int) -> None:
+    """Poll (bounded) until one of the threads of ``pid`` sleeps uninterruptibly."""
     import time
 
-    assert daemon.process is not None
     deadline = time.monotonic() + 30
-    tasks = Path(f"/proc/{daemon.process.pid}/task")
+    tasks = Path(f"/proc/{pid}/task")
     while time.monotonic() < deadline:
         for task in tasks.iterdir():
             try:
@@ -529,27 +532,73 @@ def _wait_for_blocked_thread(daemon: Daemon) -> None:
             if state == "D":
                 return
         time.sleep(0.01)
-    raise AssertionError("no boxvold thread blocked on the frozen filesystem")
+    raise AssertionError(f"export server {pid} never blocked on the frozen filesystem")
 
 
-def test_crash_leaves_a_stale_mount_that_the_next_start_recovers(
+def test_exports_keep_serving_through_a_boxvold_crash_and_restart(
     home: Path, runtime_dir: Path
 ) -> None:
+    """Export servers are processes of their own: a SIGKILLed boxvold leaves them serving;
+    the next boxvold stops what the crashed one left, serves the recorded export afresh at
+    the same path, and a clean stop leaves no mount and no server."""
     daemon = Daemon(home, runtime_dir)
     daemon.start()
     ex = Export(daemon, "data")
     (ex.path / "f").write_text("survives")
+    old_server = daemon.client().get_export(ex.id)["server"]["pid"]
     daemon.stop(signal.SIGKILL)
-    mount_root = runtime_dir / "fs"
-    assert mounted_at(str(mount_root))
-    with pytest.raises(OSError) as caught:
-        os.listdir(mount_root)
-    assert caught.value.errno == errno.ENOTCONN
+    assert (ex.path / "f").read_text() == "survives"  # while boxvold is down
     daemon.start()
     try:
-        assert "detached a stale mount" in daemon.log.read_text()
+        log = daemon.log.read_text()
+        assert "stopped an export server a previous boxvold left" in log
+        assert not Path(f"/proc/{old_server}").exists()
         assert (ex.path / "f").read_text() == "survives"
-        assert [e["id"] for e in daemon.client().list_exports()] == [ex.id]
+        [export] = daemon.client().list_exports()
+        assert export["id"] == ex.id and export["server"]["pid"] != old_server
+        new_server = export["server"]["pid"]
     finally:
         assert daemon.stop() == 0
-    assert not mounted_at(str(mount_root))
+    assert not mounted_at(str(ex.path)) and not Path(f"/proc/{new_server}").exists()
+
+
+def test_each_server_is_sandboxed_in_its_volume(daemon: Daemon, export: Export) -> None:
+    """The server's root is the volume (nothing of the host), in a mount namespace of its
+    own, with five capabilities and no_new_privs."""
+    (export.path / "seen").write_text("x")
+    pid = daemon.client().get_export(export.id)["server"]["pid"]
+    assert sorted(os.listdir(f"/proc/{pid}/root")) == ["seen"]
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    assert (
+        int(status["CapEff"].strip(), 16) == 0x1F
+    )  # CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID
+    assert int(status["CapBnd"].strip(), 16) == 0x1F
+    assert status["NoNewPrivs"].strip() == "1"
+
+
+def test_a_killed_server_is_replaced_at_the_same_path(daemon: Daemon, export: Export) -> None:
+    """A server that dies is reported (restarts, last exit) and a fresh one serves the same
+    mountpoint; data fsynced before the kill is intact."""
+    import time
+
+    with open(export.path / "kept", "wb") as f:
+        f.write(b"fsynced")
+        os.fsync(f.fileno())
+    client = daemon.client()
+    old = client.get_export(export.id)["server"]["pid"]
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        server = client.get_export(export.id)["server"]
+        if server["pid"] not in (None, old) and server["restarts"] == 1:
+            break
+        assert time.monotonic() < deadline, server
+        time.sleep(0.05)
+    assert server["last_exit"] == -signal.SIGKILL
+    assert (export.path / "kept").read_bytes() == b"fsynced"
+    (export.path / "after").write_text("new server")
+    assert (export.backing / "after").read_text() == "new server"
+    assert "export server died" in daemon.log.read_text()

@@ -23,8 +23,10 @@ BOUNDARIES = {
     "vmdriver.backends.cloud_hypervisor": ["libvirt"],
     "vmdriver.cli": ["libvirt", "trio"],
     "volumed.exports": ["pyfuse3", "trio"],
-    "volumed.api": ["vmdriver", "libvirt"],
-    "volumed.daemon": ["vmdriver", "libvirt"],
+    "volumed.api": ["vmdriver", "libvirt", "pyfuse3"],
+    "volumed.daemon": ["vmdriver", "libvirt", "pyfuse3"],
+    "volumed.openapi": ["pyfuse3"],
+    "volumed.export_manager": ["pyfuse3"],
 }
 
 

@@ -131,6 +131,17 @@ class InodeTable:
         node.lookups += 1
         return node
 
+    def remember_root(self, export: ExportState, fd: int, st: os.stat_result) -> Node:
+        """The export's root as the mount's root inode (a single-export mount): pinned, and
+        never counted, since the kernel never looks the root up (consumes ``fd``)."""
+        if ROOT_INODE in self._nodes:
+            raise ValueError("the root inode is taken")
+        node = Node(ROOT_INODE, export, fd, (st.st_dev, st.st_ino))
+        node.pinned = True
+        self._nodes[ROOT_INODE] = node
+        self._by_key[(export.export.id, st.st_dev, st.st_ino)] = node
+        return node
+
     def find(self, export: ExportState, st: os.stat_result) -> Node | None:
         """The live node of the object ``st`` describes, if the kernel knows it through
         ``export`` (nothing is counted: for answers the kernel does not count either)."""

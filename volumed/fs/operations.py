@@ -96,17 +96,21 @@ class BoxvolFS(pyfuse3.Operations):
 
     table: InodeTable
     exports: dict[bytes, ExportState]
-    workers: WorkerPool
+    workers: WorkerPool | None
     _dirs: dict[int, _DirHandle]
     _next_dir: int
     statfs_fd: int
     mounted: bool
 
-    def __init__(self, statfs_fd: int, *, threads: int = 16) -> None:
+    def __init__(self, statfs_fd: int, *, threads: int = 16, single: bool = False) -> None:
         super().__init__()
         self.table = InodeTable()
         self.exports = {}
-        self.workers = WorkerPool(threads)
+        #: ``threads=0``: every syscall runs inline on the loop (an export server: one
+        #: process per export is the isolation, docs/fuse.md).
+        self.workers = WorkerPool(threads) if threads else None
+        #: One export at the mount's root (an export server), not the exports' directory.
+        self.single = single
         self._dirs = {}
         self._next_dir = 1
         self.statfs_fd = statfs_fd
@@ -118,9 +122,15 @@ class BoxvolFS(pyfuse3.Operations):
     # -- exports (called by the export manager on the trio loop) -----------------------
 
     def add_export(self, state: ExportState, root_fd: int, st: os.stat_result) -> None:
-        """Make ``state`` visible as ``<mount>/<export-id>``, rooted at ``root_fd``."""
-        node = self.table.remember(state, root_fd, st)
-        node.lookups -= 1  # the kernel has not looked it up yet
+        """Make ``state`` visible as ``<mount>/<export-id>`` (as the mount's root in
+        ``single`` mode), rooted at ``root_fd``."""
+        if self.single:
+            if self.exports:
+                raise ValueError("a single-export filesystem already has its export")
+            node = self.table.remember_root(state, root_fd, st)
+        else:
+            node = self.table.remember(state, root_fd, st)
+            node.lookups -= 1  # the kernel has not looked it up yet
         node.pinned = True
         state.root = node
         self.exports[state.name] = state
@@ -142,7 +152,13 @@ class BoxvolFS(pyfuse3.Operations):
     # -- helpers ---------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.workers is None:
+            return fn(*args)
         return await self.workers.run(fn, *args)
+
+    def _listing(self, inode: int) -> bool:
+        """Whether ``inode`` is the exports' directory (the root, unless ``single``)."""
+        return inode == ROOT_INODE and not self.single
 
     def _attrs(
         self, inode: int, st: os.stat_result, export: ExportState
@@ -178,7 +194,7 @@ class BoxvolFS(pyfuse3.Operations):
         return attrs
 
     def _node(self, inode: int) -> Node:
-        if inode == ROOT_INODE:
+        if self._listing(inode):
             raise OSError(errno.EPERM, "the exports' directory is managed by boxvold")
         return self.table.node(inode)
 
@@ -248,7 +264,7 @@ class BoxvolFS(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if parent_inode == ROOT_INODE:
+        if self._listing(parent_inode):
             state = self.exports.get(name)
             if state is None or state.root is None:
                 raise OSError(errno.ENOENT, "")
@@ -275,7 +291,7 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if inode == ROOT_INODE:
+        if self._listing(inode):
             return self._root_attrs()
         node = self.table.node(inode)
         attrs = self._fresh_attrs(node)
@@ -497,7 +513,7 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if inode == ROOT_INODE:
+        if self._listing(inode):
             handle = _DirHandle(None, None)
         else:
             node = self.table.node(inode)
@@ -558,6 +574,8 @@ class BoxvolFS(pyfuse3.Operations):
         """
         export = node.export
         if node is export.root:
+            if self.single:  # the mount's root is its own "..", as every root is
+                return self._attrs(node.inode, os.fstat(node.fd), export)
             return self._root_attrs()
         parent = self.table.find(export, parent_st) if parent_st is not None else None
         if parent is not None and parent_st is not None:
@@ -596,7 +614,7 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        st = await self._run(os.statvfs, f"/proc/self/fd/{self.statfs_fd}")
+        st = await self._run(os.statvfs, self.statfs_fd)
         data = pyfuse3.StatvfsData()
         data.f_bsize = st.f_bsize
         data.f_frsize = st.f_frsize
@@ -613,7 +631,7 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == ROOT_INODE or not is_exposed_xattr(name):
+        if self._listing(inode) or not is_exposed_xattr(name):
             # Answered here, with no worker trip: the kernel asks for security.capability
             # before every write(2) to a file (to drop file capabilities), and views never
             # expose such a name.
@@ -623,7 +641,7 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        if inode == ROOT_INODE:
+        if self._listing(inode):
             return []
         node = self.table.node(inode)
         return await self._on_node(node, node.export.view.listxattr)

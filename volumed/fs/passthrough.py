@@ -40,9 +40,29 @@ def _check(result: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def proc_path(fd: int) -> str:
-    """The magic link that reopens ``fd``'s inode (never a path taken from a request)."""
-    return f"/proc/self/fd/{fd}"
+#: An ``O_PATH`` fd of the host's /proc, set in a sandboxed export server (its root is the
+#: volume, so a path "/proc/..." would resolve inside the volume): magic links and process
+#: status are reached through it. None in a process that sees the host's /proc.
+_proc_dir: int | None = None
+
+
+def use_proc_dir(fd: int) -> None:
+    """Reach /proc through ``fd`` from now on (an export server, before its root changes)."""
+    global _proc_dir
+    _proc_dir = fd
+
+
+def _in_proc(relative: str) -> tuple[str, int | None]:
+    """``relative`` (under /proc) as a name and the directory fd to resolve it in."""
+    if _proc_dir is None:
+        return f"/proc/{relative}", None
+    return relative, _proc_dir
+
+
+def reopen(fd: int, flags: int) -> int:
+    """A new fd of ``fd``'s inode through its magic link (never a path from a request)."""
+    name, dir_fd = _in_proc(f"self/fd/{fd}")
+    return os.open(name, flags | os.O_CLOEXEC, dir_fd=dir_fd)
 
 
 def check_name(name: bytes) -> bytes:
@@ -86,9 +106,13 @@ class Caller:
 
 def _supplementary_groups(pid: int, uid: int, gid: int) -> frozenset[int]:
     """Blocking: the groups of thread ``pid`` if its filesystem ids are still uid/gid."""
+    name, dir_fd = _in_proc(f"{pid}/status")
     try:
-        with open(f"/proc/{pid}/status", "rb") as status:
-            text = status.read()
+        status = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            text = os.read(status, 65536)
+        finally:
+            os.close(status)
     except OSError:
         return frozenset()
     fields = {}
@@ -131,7 +155,8 @@ class Passthrough:
         return mode
 
     def _chmod(self, fd: int, mode: int) -> None:
-        os.chmod(proc_path(fd), self.permitted_mode(stat.S_IMODE(mode)))
+        name, dir_fd = _in_proc(f"self/fd/{fd}")
+        os.chmod(name, self.permitted_mode(stat.S_IMODE(mode)), dir_fd=dir_fd)
 
     def _kill_set_id(self, fd: int, st: os.stat_result) -> None:
         """Clear set-id bits as an unprivileged write, truncate or chown does on ext4."""
@@ -166,7 +191,11 @@ class Passthrough:
             if io_fd is not None:
                 os.ftruncate(io_fd, change.size)
             else:
-                os.truncate(proc_path(fd), change.size)
+                writable = reopen(fd, os.O_WRONLY | os.O_NONBLOCK)
+                try:
+                    os.ftruncate(writable, change.size)
+                finally:
+                    os.close(writable)
             if not caller.privileged:
                 self._kill_set_id(fd, st)
         if change.uid is not None or change.gid is not None:
@@ -245,7 +274,7 @@ class Passthrough:
         io_fd = os.open(check_name(name), open_flags, 0o600, dir_fd=parent_fd)
         try:
             # Follows the magic link on purpose: it names the file just created.
-            fd = os.open(proc_path(io_fd), os.O_PATH | os.O_CLOEXEC)
+            fd = reopen(io_fd, os.O_PATH)
             try:
                 st = self._finish_new(fd, mode, owner, caller)
             except BaseException:
@@ -312,7 +341,14 @@ class Passthrough:
 
     def link(self, fd: int, new_parent_fd: int, name: bytes) -> os.stat_result:
         """Hard-link the inode behind ``fd`` (already inside this volume) as ``name``."""
-        os.link(proc_path(fd), check_name(name), dst_dir_fd=new_parent_fd, follow_symlinks=True)
+        source, dir_fd = _in_proc(f"self/fd/{fd}")
+        os.link(
+            source,
+            check_name(name),
+            src_dir_fd=dir_fd,
+            dst_dir_fd=new_parent_fd,
+            follow_symlinks=True,
+        )
         return os.fstat(fd)
 
     # -- removing and renaming -------------------------------------------------------
@@ -346,7 +382,7 @@ class Passthrough:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.ELOOP, "")
-        io_fd = os.open(proc_path(fd), (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
+        io_fd = reopen(fd, flags & ~_OPEN_DROP)
         if flags & os.O_TRUNC and caller is not None and not caller.privileged:
             try:
                 self._kill_set_id(fd, st)
@@ -381,7 +417,7 @@ class Passthrough:
         """The names in a directory (without '.' and '..'), in the backing order."""
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             raise OSError(errno.ENOTDIR, "")
-        dir_fd = os.open(proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = reopen(fd, os.O_RDONLY | os.O_DIRECTORY)
         try:
             return [name.encode("utf-8", "surrogateescape") for name in os.listdir(dir_fd)]
         finally:
@@ -399,7 +435,7 @@ class Passthrough:
 
     def fsyncdir(self, fd: int, datasync: bool) -> None:
         """fsync a directory."""
-        dir_fd = os.open(proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = reopen(fd, os.O_RDONLY | os.O_DIRECTORY)
         try:
             (os.fdatasync if datasync else os.fsync)(dir_fd)
         finally:
@@ -407,19 +443,23 @@ class Passthrough:
 
     def statfs(self, fd: int) -> os.statvfs_result:
         """statvfs of the filesystem holding the volume."""
-        return os.statvfs(proc_path(fd))
+        return os.statvfs(fd)
 
     # -- extended attributes -----------------------------------------------------------
     # Only the user.* namespace passes: trusted.* and security.* would let a consumer set
     # what the host's kernel and LSMs trust (file capabilities, SELinux labels), and
     # system.* (POSIX ACLs) is not supported by the views.
 
-    def _xattr_target(self, fd: int) -> str:
+    def _xattr_target(self, fd: int) -> int:
+        """A readable fd of ``fd``'s inode, for the caller to close (xattr calls refuse
+        O_PATH fds)."""
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             # user.* attributes exist only on regular files and directories on Linux.
             raise OSError(errno.EPERM, "")
-        return proc_path(fd)
+        return reopen(
+            fd, os.O_RDONLY | os.O_NONBLOCK | (os.O_DIRECTORY if stat.S_ISDIR(mode) else 0)
+        )
 
     def getxattr(self, fd: int, name: bytes) -> bytes:
         """The value of an extended attribute."""
@@ -429,7 +469,10 @@ class Passthrough:
             target = self._xattr_target(fd)
         except OSError:
             raise OSError(errno.ENODATA, "") from None
-        return os.getxattr(target, name)
+        try:
+            return os.getxattr(target, name)
+        finally:
+            os.close(target)
 
     def listxattr(self, fd: int) -> list[bytes]:
         """Extended attribute names."""
@@ -437,21 +480,33 @@ class Passthrough:
             target = self._xattr_target(fd)
         except OSError:
             return []
+        try:
+            names = os.listxattr(target)
+        finally:
+            os.close(target)
         return [
             encoded
-            for encoded in (n.encode("utf-8", "surrogateescape") for n in os.listxattr(target))
+            for encoded in (n.encode("utf-8", "surrogateescape") for n in names)
             if encoded.startswith(b"user.")
         ]
 
     def setxattr(self, fd: int, name: bytes, value: bytes) -> None:
         """Set an extended attribute."""
         _check_xattr_write(name)
-        os.setxattr(self._xattr_target(fd), name, value)
+        target = self._xattr_target(fd)
+        try:
+            os.setxattr(target, name, value)
+        finally:
+            os.close(target)
 
     def removexattr(self, fd: int, name: bytes) -> None:
         """Remove an extended attribute."""
         _check_xattr_write(name)
-        os.removexattr(self._xattr_target(fd), name)
+        target = self._xattr_target(fd)
+        try:
+            os.removexattr(target, name)
+        finally:
+            os.close(target)
 
 
 def is_exposed_xattr(name: bytes) -> bool:

@@ -1,0 +1,268 @@
+"""Supervision of the server process behind one FUSE export (``volumed.fs.server``).
+
+For each export with a FUSE view, boxvold opens the volume's directory through the gate,
+mounts ``/dev/fuse`` at ``<runtime>/fs/<export-id>`` (``volumed.fs.fuse_mount``) and starts
+the export's server with both fds; the server says "ready" on a pipe once it serves. While
+the export exists the supervisor restarts a server that dies: the dead mount (ENOTCONN) is
+detached, a fresh one is mounted at the same path, the restart is counted and its exit
+status kept for ``boxvol export ls``/``inspect``, and ``on_restart`` runs (a virtiofsd on the
+view is re-armed). A server that dies at once is retried with a growing pause. Removing the
+export, or stopping boxvold, stops the server and detaches its mount.
+
+Must not import pyfuse3: boxvold's process never loads it (the servers do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from volumed.errors import StorageError
+from volumed.exports import Export, encode_export
+from volumed.fs.fuse_mount import detach, mount_fuse
+
+log = logging.getLogger(__name__)
+
+#: A server that exits sooner than this after it was ready counts as crashing at once.
+QUICK_EXIT = 1.0
+FIRST_BACKOFF = 0.05
+MAX_BACKOFF = 5.0
+#: How long a server gets to start serving, and to stop on SIGTERM before SIGKILL.
+START_TIMEOUT = 30.0
+STOP_GRACE = 5.0
+
+
+def server_command(export: Export, fuse_fd: int, root_fd: int, ready_fd: int) -> list[str]:
+    """The command line of an export's server."""
+    return [
+        sys.executable,
+        "-m",
+        "volumed.fs.server",
+        "--fuse-fd",
+        str(fuse_fd),
+        "--root-fd",
+        str(root_fd),
+        "--ready-fd",
+        str(ready_fd),
+        "--export",
+        encode_export(export),
+    ]
+
+
+class FuseServerSupervisor:
+    """Keeps one export's FUSE server serving at its mountpoint while the export exists."""
+
+    def __init__(
+        self,
+        export: Export,
+        *,
+        mountpoint: str,
+        open_root: Callable[[], tuple[int, os.stat_result]],
+        state_dir: str,
+        on_restart: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.export = export
+        self.mountpoint = mountpoint
+        #: Opens the volume's directory through the gate (blocking; run in a thread).
+        self.open_root = open_root
+        self.logfile = os.path.join(state_dir, f"{export.id}.log")
+        #: The running server's pid, for a boxvold that starts after a crash of this one.
+        self.pidfile = os.path.join(state_dir, f"{export.id}.pid")
+        self.on_restart = on_restart
+        self.pid: int | None = None
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self._stopping = False
+        self._scope: trio.CancelScope | None = None
+        self._done = trio.Event()
+
+    def status(self) -> dict[str, object]:
+        """What the API reports about the server behind the export."""
+        return {"pid": self.pid, "restarts": self.restarts, "last_exit": self.last_exit}
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until stopped (or boxvold shuts down). The first start's failure is
+        raised (the export is not created); later ones are retried."""
+        try:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                status = await self._run_once(task_status, first=True)
+                backoff = FIRST_BACKOFF
+                while not self._stopping:
+                    self.restarts += 1
+                    self.last_exit = status
+                    log.warning(
+                        "export server died export=%s status=%s restarts=%d log=%s",
+                        self.export.id,
+                        status,
+                        self.restarts,
+                        self.logfile,
+                    )
+                    await trio.to_thread.run_sync(detach, self.mountpoint)
+                    started = time.monotonic()
+                    try:
+                        status = await self._run_once(trio.TASK_STATUS_IGNORED, first=False)
+                    except (OSError, StorageError) as exc:
+                        log.error("export server restart failed export=%s: %s", self.export.id, exc)
+                        status = -1
+                    if time.monotonic() - started < QUICK_EXIT:
+                        await trio.sleep(backoff)
+                        backoff = min(backoff * 2, MAX_BACKOFF)
+                    else:
+                        backoff = FIRST_BACKOFF
+        finally:
+            self._done.set()
+
+    async def stop(self) -> None:
+        """Stop the server, detach its mount and remove its mountpoint, log and pidfile."""
+        self._stopping = True
+        if self._scope is not None:
+            self._scope.cancel()
+        await self._done.wait()
+        await trio.to_thread.run_sync(self._clean_up)
+
+    def _clean_up(self) -> None:
+        detach(self.mountpoint)
+        for path in (self.pidfile, self.logfile):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.mountpoint)
+
+    async def _run_once(self, task_status: trio.TaskStatus[None], *, first: bool) -> int:
+        """Mount, start a server and wait for it to end; its exit status."""
+        root_fd, _st = await trio.to_thread.run_sync(self.open_root)
+        try:
+            fuse_fd = await trio.to_thread.run_sync(mount_fuse, self.mountpoint)
+        except BaseException:
+            os.close(root_fd)
+            raise
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with open(self.logfile, "ab") as logfile:
+                process = await trio.lowlevel.open_process(
+                    server_command(self.export, fuse_fd, root_fd, ready_w),
+                    pass_fds=(fuse_fd, root_fd, ready_w),
+                    stdin=subprocess.DEVNULL,
+                    stdout=logfile,
+                    stderr=logfile,
+                    start_new_session=True,
+                )
+        except BaseException:
+            os.close(ready_r)
+            await trio.to_thread.run_sync(detach, self.mountpoint)
+            raise
+        finally:
+            os.close(fuse_fd)
+            os.close(root_fd)
+            os.close(ready_w)
+        self.pid = process.pid
+        await trio.to_thread.run_sync(_write_pidfile, self.pidfile, process.pid)
+        try:
+            try:
+                ready = await self._await_ready(ready_r)
+            finally:
+                os.close(ready_r)
+            if not ready:
+                await self._gone(process)
+                self._raise_not_started(process)
+            log.info(
+                "export server serving export=%s pid=%d mountpoint=%s%s",
+                self.export.id,
+                process.pid,
+                self.mountpoint,
+                "" if first else " (restarted)",
+            )
+            task_status.started()
+            if not first and self.on_restart is not None:
+                await self.on_restart()
+            return await process.wait()
+        except BaseException:
+            await self._gone(process)
+            raise
+        finally:
+            if process.returncode is not None:
+                self.pid = None
+
+    async def _gone(self, process: trio.Process) -> None:
+        """The server stopped (terminated if it still runs) and its mount detached."""
+        with trio.CancelScope(shield=True):
+            await self._terminate(process)
+            await trio.to_thread.run_sync(detach, self.mountpoint)
+
+    def _raise_not_started(self, process: trio.Process) -> None:
+        raise StorageError(
+            f"the FUSE server of export {self.export.id} exited with status "
+            f"{process.returncode} before serving; see {self.logfile}"
+        )
+
+    async def _await_ready(self, ready_r: int) -> bool:
+        """True once the server said "ready"; False if it exited or took too long."""
+        with trio.move_on_after(START_TIMEOUT):
+            await trio.lowlevel.wait_readable(ready_r)
+            return os.read(ready_r, 16).startswith(b"ready")
+        return False
+
+    async def _terminate(self, process: trio.Process) -> None:
+        if process.returncode is not None:
+            return
+        with trio.move_on_after(STOP_GRACE) as grace:
+            process.terminate()
+            await process.wait()
+        if grace.cancelled_caught:
+            process.kill()
+            await process.wait()
+        log.info("export server stopped export=%s status=%s", self.export.id, process.returncode)
+
+
+def _write_pidfile(path: str, pid: int) -> None:
+    with open(path, "w") as pidfile:
+        pidfile.write(f"{pid}\n")
+
+
+def stop_orphans(state_dir: str) -> list[int]:
+    """Stop the export servers a crashed boxvold left running (found by their pidfiles,
+    checked by command line), so the restored exports get fresh ones. Blocking."""
+    stopped: list[int] = []
+    try:
+        names = os.listdir(state_dir)
+    except FileNotFoundError:
+        return stopped
+    for name in names:
+        if not name.endswith(".pid"):
+            continue
+        path = os.path.join(state_dir, name)
+        try:
+            with open(path) as pidfile:
+                pid = int(pidfile.read().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().split(b"\0")
+        except (OSError, ValueError):
+            argv = []
+            pid = 0
+        if pid and b"volumed.fs.server" in argv and name[:-4].encode() in b" ".join(argv):
+            _kill_and_wait(pid)
+            stopped.append(pid)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return stopped
+
+
+def _kill_and_wait(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE
+    while time.monotonic() < deadline:
+        if not os.path.exists(f"/proc/{pid}"):
+            return
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
