@@ -2,9 +2,9 @@
 
 Each backing object reached through an export gets one FUSE inode, keyed by
 (export, st_dev, st_ino), holding an ``O_PATH`` fd and the kernel's lookup count, which
-``forget`` releases. An fd is closed only when nothing uses it any more: a worker thread
-never sees its fd number closed and reused under it (that could point it at another
-volume). Runs on the trio loop only; the worker threads receive plain fds.
+``forget`` releases. An fd is closed only when nothing uses it any more, so a request in
+flight never sees its fd number closed and reused under it. The export's root is the
+mount's root inode. Runs on the export server's trio loop.
 """
 
 from __future__ import annotations
@@ -185,14 +185,3 @@ class InodeTable:
         handle = self._handles.pop(handle_id, None)
         if handle is not None:
             handle.retire()
-
-    def drop_export(self, export: ExportState) -> None:
-        """Forget everything reached through ``export``: fds close once idle, and any
-        later request on its inodes or handles gets ESTALE."""
-        export.alive = False
-        for handle in self._handles.values():
-            if handle.export is export:
-                handle.retire()  # kept until release, so requests on it get ESTALE
-        for node in list(self._nodes.values()):
-            if node.export is export:
-                self._drop(node)

@@ -1,13 +1,13 @@
-"""The pyfuse3 edge: FUSE requests in, view calls in worker threads, errnos out.
+"""The pyfuse3 edge of one export's server: FUSE requests in, view calls, errnos out.
 
-The mount's root lists live exports by id; everything below an export's directory is that
-export's volume seen through its policy view. Every blocking call runs in a worker thread
-(``workers.WorkerPool``, bounded), one trip per request at most; a few requests need none
-and are answered on the loop: the root's attributes, flush (ENOSYS, see ``flush``), release
-(a close), getxattr of a name views never expose (``security.capability``, asked before every
-write), and a directory's GETATTR right after a change made in it (see ``_fresh_attrs``).
-This is the only place errors become errnos: an OSError passes its errno; anything else is
-a bug, logged and answered with EIO, never allowed to stop pyfuse3's loop.
+The mount's root is the export's volume, seen through its policy view. Every syscall runs
+inline on the server's trio loop: the server is one process per export (``server.py``), and
+that process is the isolation a stuck syscall needs (docs/fuse.md). A few requests make no
+syscall: flush (ENOSYS, see ``flush``), release (a close), getxattr of a name views never
+expose (``security.capability``, asked before every write), and a directory's GETATTR right
+after a change made in it (see ``_fresh_attrs``). This is the only place errors become
+errnos: an OSError passes its errno; anything else is a bug, logged and answered with EIO,
+never allowed to stop pyfuse3's loop.
 """
 
 from __future__ import annotations
@@ -22,18 +22,16 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
-import trio
 
 from volumed.fs.nodes import ROOT_INODE, ExportState, InodeTable, Node
 from volumed.fs.passthrough import AttrChange, Caller, Passthrough, is_exposed_xattr
 from volumed.fs.views import presented_owner
-from volumed.fs.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-#: Entries fetched per worker-thread round trip while answering readdir.
+#: Entries fetched (and stat'ed) per batch while answering readdir.
 READDIR_BATCH = 64
 #: Every listing starts with "." (offset 1) and ".." (offset 2), as on ext4; the entry at
 #: index i of a directory's snapshot has offset DOTS + i + 1. An offset is where a listing
@@ -41,12 +39,6 @@ READDIR_BATCH = 64
 #: keeps its offset for the life of the snapshot and nothing is repeated or skipped.
 DOTS = 2
 NAME_MAX = 255
-ROOT_MODE = stat.S_IFDIR | 0o711  # others may enter an export they know, not list them
-#: Seconds the kernel may keep the root's attributes. With default_permissions it checks
-#: search permission on the root at every path walk, and with nothing cached that was a
-#: GETATTR for every open or stat through any export. Only st_nlink (one per export) ever
-#: changes, and a second's staleness there misleads nothing: the root is 0711.
-ROOT_ATTR_TIMEOUT = 1.0
 #: Longest a directory's attributes, taken right after a change made in it, may answer the
 #: kernel's next GETATTR of it (never longer than the export's attr timeout either).
 FRESH_WINDOW = 1.0
@@ -86,79 +78,34 @@ class _DirHandle:
 
 
 class BoxvolFS(pyfuse3.Operations):
-    """The filesystem: the exports' directory at the root, policy views below.
+    """One export's filesystem: its volume at the mount's root, through its policy view.
 
     Attributes:
         table: inodes and open files.
-        exports: live exports by their directory name (the export id, as bytes).
-        workers: the threads blocking calls run in (a bounded pool).
+        root: the export, with its view and its root node (the mount's root inode).
     """
 
     table: InodeTable
-    exports: dict[bytes, ExportState]
-    workers: WorkerPool | None
+    root: ExportState
     _dirs: dict[int, _DirHandle]
     _next_dir: int
-    statfs_fd: int
-    mounted: bool
 
-    def __init__(self, statfs_fd: int, *, threads: int = 16, single: bool = False) -> None:
+    def __init__(self, state: ExportState, root_fd: int, st: os.stat_result) -> None:
+        """Serve ``state`` rooted at ``root_fd`` (consumed: it lives as long as this)."""
         super().__init__()
         self.table = InodeTable()
-        self.exports = {}
-        #: ``threads=0``: every syscall runs inline on the loop (an export server: one
-        #: process per export is the isolation, docs/fuse.md).
-        self.workers = WorkerPool(threads) if threads else None
-        #: One export at the mount's root (an export server), not the exports' directory.
-        self.single = single
+        state.root = self.table.remember_root(state, root_fd, st)
+        self.root = state
         self._dirs = {}
         self._next_dir = 1
-        self.statfs_fd = statfs_fd
         #: Namespace changes (create, mkdir, unlink, rename, ...) started so far, mount-wide.
         self._changes = 0
-        #: True while the kernel has this filesystem mounted (set by ``serve_fuse``).
-        self.mounted = False
-
-    # -- exports (called by the export manager on the trio loop) -----------------------
-
-    def add_export(self, state: ExportState, root_fd: int, st: os.stat_result) -> None:
-        """Make ``state`` visible as ``<mount>/<export-id>`` (as the mount's root in
-        ``single`` mode), rooted at ``root_fd``."""
-        if self.single:
-            if self.exports:
-                raise ValueError("a single-export filesystem already has its export")
-            node = self.table.remember_root(state, root_fd, st)
-        else:
-            node = self.table.remember(state, root_fd, st)
-            node.lookups -= 1  # the kernel has not looked it up yet
-        node.pinned = True
-        state.root = node
-        self.exports[state.name] = state
-
-    async def remove_export(self, state: ExportState) -> None:
-        """Make the export vanish: its directory, its inodes and its open files."""
-        self.exports.pop(state.name, None)
-        self.table.drop_export(state)
-        if not self.mounted:
-            return
-        # In a worker thread: the kernel may need this loop to answer a request before the
-        # invalidation completes; waiting for it means the directory is gone on return.
-        try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_entry, pyfuse3.ROOT_INODE, state.name)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:  # ENOENT: the kernel never looked it up
-                log.warning("invalidate failed export=%s error=%s", state.export.id, exc)
 
     # -- helpers ---------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self.workers is None:
-            return fn(*args)
-        return await self.workers.run(fn, *args)
-
-    def _listing(self, inode: int) -> bool:
-        """Whether ``inode`` is the exports' directory (the root, unless ``single``)."""
-        return inode == ROOT_INODE and not self.single
+        """``fn(*args)``, inline: this process serves one export (see the module doc)."""
+        return fn(*args)
 
     def _attrs(
         self, inode: int, st: os.stat_result, export: ExportState
@@ -182,20 +129,7 @@ class BoxvolFS(pyfuse3.Operations):
         attrs.st_ctime_ns = st.st_ctime_ns
         return attrs
 
-    def _root_attrs(self) -> pyfuse3.EntryAttributes:
-        attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = pyfuse3.ROOT_INODE
-        attrs.st_mode = ROOT_MODE
-        attrs.st_nlink = 2 + len(self.exports)
-        attrs.st_uid = attrs.st_gid = 0
-        attrs.st_size = 0
-        attrs.entry_timeout = 0
-        attrs.attr_timeout = ROOT_ATTR_TIMEOUT
-        return attrs
-
     def _node(self, inode: int) -> Node:
-        if self._listing(inode):
-            raise OSError(errno.EPERM, "the exports' directory is managed by boxvold")
         return self.table.node(inode)
 
     async def _on_node(self, node: Node, fn: Callable[..., T], *args: Any) -> T:
@@ -264,13 +198,6 @@ class BoxvolFS(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if self._listing(parent_inode):
-            state = self.exports.get(name)
-            if state is None or state.root is None:
-                raise OSError(errno.ENOENT, "")
-            st = await self._on_node(state.root, state.view.getattr)
-            state.root.lookups += 1
-            return self._attrs(state.root.inode, st, state)
         parent = self.table.node(parent_inode)
         try:
             fd, st = await self._on_node(parent, parent.export.view.lookup, name)
@@ -291,8 +218,6 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if self._listing(inode):
-            return self._root_attrs()
         node = self.table.node(inode)
         attrs = self._fresh_attrs(node)
         if attrs is None:
@@ -513,11 +438,8 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if self._listing(inode):
-            handle = _DirHandle(None, None)
-        else:
-            node = self.table.node(inode)
-            handle = _DirHandle(node, node.export)
+        node = self.table.node(inode)
+        handle = _DirHandle(node, node.export)
         handle_id = self._next_dir
         self._next_dir += 1
         self._dirs[handle_id] = handle
@@ -534,9 +456,7 @@ class BoxvolFS(pyfuse3.Operations):
     @fuse_edge
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dir(fh)
-        if handle.node is None:
-            await self._readdir_root(start_id, token)
-            return
+        assert handle.node is not None
         node, export = handle.node, handle.node.export
         if start_id == 0 or handle.dots is None:
             # A snapshot per pass: offsets stay valid however the directory changes.
@@ -573,10 +493,8 @@ class BoxvolFS(pyfuse3.Operations):
         other attributes).
         """
         export = node.export
-        if node is export.root:
-            if self.single:  # the mount's root is its own "..", as every root is
-                return self._attrs(node.inode, os.fstat(node.fd), export)
-            return self._root_attrs()
+        if node is export.root:  # the mount's root is its own "..", as every root is
+            return self._attrs(node.inode, os.fstat(node.fd), export)
         parent = self.table.find(export, parent_st) if parent_st is not None else None
         if parent is not None and parent_st is not None:
             return self._attrs(parent.inode, parent_st, export)
@@ -584,23 +502,6 @@ class BoxvolFS(pyfuse3.Operations):
         stand_in.st_ino = export.root.inode if export.root is not None else ROOT_INODE
         stand_in.st_mode = stat.S_IFDIR
         return stand_in
-
-    async def _readdir_root(self, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        # The mount's root is its own "..", as every filesystem's root is.
-        if not _reply_dots(token, start_id, (self._root_attrs(), self._root_attrs())):
-            return
-        states = sorted(self.exports.values(), key=lambda s: s.name)
-        skip = max(start_id - DOTS, 0)
-        for offset, state in enumerate(states[skip:], start=DOTS + skip + 1):
-            root = state.root
-            if root is None:
-                continue
-            st = await self._on_node(root, state.view.getattr)
-            if not pyfuse3.readdir_reply(
-                token, state.name, self._attrs(root.inode, st, state), offset
-            ):
-                return
-            root.lookups += 1
 
     @fuse_edge
     async def releasedir(self, fh: int) -> None:
@@ -614,7 +515,9 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        st = await self._run(os.statvfs, self.statfs_fd)
+        root = self.root.root
+        assert root is not None
+        st = await self._on_node(root, self.root.view.statfs)
         data = pyfuse3.StatvfsData()
         data.f_bsize = st.f_bsize
         data.f_frsize = st.f_frsize
@@ -631,7 +534,7 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if self._listing(inode) or not is_exposed_xattr(name):
+        if not is_exposed_xattr(name):
             # Answered here, with no worker trip: the kernel asks for security.capability
             # before every write(2) to a file (to drop file capabilities), and views never
             # expose such a name.
@@ -641,8 +544,6 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        if self._listing(inode):
-            return []
         node = self.table.node(inode)
         return await self._on_node(node, node.export.view.listxattr)
 

@@ -15,7 +15,7 @@ process with both fds and the export's record. Before it serves a request the se
    bounding set too, and sets no_new_privs.
 
 Then it serves the one export at the mount's root with every syscall inline on its trio loop
-(``BoxvolFS(threads=0, single=True)``): one process per export is the isolation; a syscall
+(``volumed.fs.operations``): one process per export is the isolation; a syscall
 stuck on this volume stalls only this export. No syscall filter yet (docs/fuse.md).
 
 Arguments: ``--fuse-fd N --root-fd M --ready-fd R --export JSON`` (the export's registry row,
@@ -159,11 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = ExportState(
         export, make_view(read_only=export.policy.read_only, owner=export.policy.owner)
     )
-    fs = BoxvolFS(args.root_fd, threads=0, single=True)
-    fs.add_export(state, args.root_fd, st)
+    fs = BoxvolFS(state, args.root_fd, st)
     options = {"fsname=boxvol", "subtype=boxvol", "allow_other", "default_permissions"}
     pyfuse3.init(fs, f"/dev/fd/{args.fuse_fd}", options)
-    fs.mounted = True
     log.info("export server serving export=%s pid=%d", export.id, os.getpid())
     if args.ready_fd is not None:
         os.write(args.ready_fd, b"ready\n")
