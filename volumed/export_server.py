@@ -147,7 +147,8 @@ class FuseServerSupervisor:
             raise
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         try:
-            with open(self.logfile, "ab") as logfile:
+            # Shielded: a cancellation landing once the child exists would lose it.
+            with open(self.logfile, "ab") as logfile, trio.CancelScope(shield=True):
                 process = await trio.lowlevel.open_process(
                     server_command(self.export, fuse_fd, root_fd, ready_w),
                     pass_fds=(fuse_fd, root_fd, ready_w),
@@ -158,15 +159,16 @@ class FuseServerSupervisor:
                 )
         except BaseException:
             os.close(ready_r)
-            await trio.to_thread.run_sync(detach, self.mountpoint)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(detach, self.mountpoint)
             raise
         finally:
             os.close(fuse_fd)
             os.close(root_fd)
             os.close(ready_w)
         self.pid = process.pid
-        await trio.to_thread.run_sync(_write_pidfile, self.pidfile, process.pid)
         try:
+            _write_pidfile(self.pidfile, process.pid)  # a few bytes in boxvold's runtime dir
             try:
                 ready = await self._await_ready(ready_r)
             finally:
