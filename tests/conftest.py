@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from volumed.fs.fuse_mount import detach_all_under
+
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
@@ -23,7 +25,11 @@ def runtime_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="bv-", dir="/tmp"))
     path.chmod(0o755)  # as /run/boxvol: other users (a container's, QEMU's) pass through
     yield path
+    # An export's mount outlives its test only if its server (or boxvold) leaked: clear it
+    # up so the next test starts clean, then fail.
+    left = detach_all_under(str(path))
     shutil.rmtree(path, ignore_errors=True)
+    assert left == [], f"mounts left behind under the runtime dir: {left}"
 
 
 @pytest.fixture
