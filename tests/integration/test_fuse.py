@@ -581,15 +581,20 @@ def test_each_server_is_sandboxed_in_its_volume(daemon: Daemon, export: Export) 
 
 def test_a_killed_server_is_replaced_at_the_same_path(daemon: Daemon, export: Export) -> None:
     """A server that dies is reported (restarts, last exit) and a fresh one serves the same
-    mountpoint; data fsynced before the kill is intact."""
+    mountpoint; data fsynced before the kill is intact; other exports never notice."""
     import time
 
     with open(export.path / "kept", "wb") as f:
         f.write(b"fsynced")
         os.fsync(f.fileno())
     client = daemon.client()
+    bystander = Export(daemon, "bystander")
+    (bystander.path / "b").write_text("unaffected")
     old = client.get_export(export.id)["server"]["pid"]
     os.kill(old, signal.SIGKILL)
+    # Every other export and the API keep serving.
+    assert (bystander.path / "b").read_text() == "unaffected"
+    assert client.health()["status"] == "ok"
     deadline = time.monotonic() + 30
     while True:
         server = client.get_export(export.id)["server"]
@@ -602,3 +607,4 @@ def test_a_killed_server_is_replaced_at_the_same_path(daemon: Daemon, export: Ex
     (export.path / "after").write_text("new server")
     assert (export.backing / "after").read_text() == "new server"
     assert "export server died" in daemon.log.read_text()
+    assert client.get_export(bystander.id)["server"]["restarts"] == 0

@@ -43,7 +43,12 @@ def test_socket_process_and_teardown(daemon: Daemon) -> None:
     assert socket_path.stat().st_gid == grp.getgrnam("kvm").gr_gid
     assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o750
     pid = export["virtiofsd"]["pid"]
-    assert pid in set(virtiofsd_pids()) - before
+    virtiofsd_log = socket_path.with_suffix(".log")
+    assert pid in set(virtiofsd_pids()) - before, (
+        daemon.log.read_text(),
+        virtiofsd_log.read_text() if virtiofsd_log.exists() else "(no virtiofsd log)",
+        Path(f"/proc/{pid}/cmdline").read_bytes() if Path(f"/proc/{pid}").exists() else "gone",
+    )
     command = virtiofsd_pids()[pid]
     assert "modcaps=-mknod" in command or "--modcaps=-mknod" in command
     assert str(daemon.home / "volumes" / "named" / "data") in command
@@ -233,3 +238,32 @@ def test_cli_lists_virtiofs_exports(daemon: Daemon) -> None:
     assert result.returncode == 0, result.stderr
     row = result.stdout.splitlines()[1]
     assert export["id"] in row and "vm=vm1 tag=t" in row and export["socket"] in row
+
+
+def test_a_via_fuse_share_is_rearmed_when_its_server_is_replaced(daemon: Daemon) -> None:
+    """virtiofsd serving an export's FUSE view is replaced by a fresh one on the new mount
+    when the view's server dies and comes back (a replacement, not a crash)."""
+    client = daemon.client()
+    client.create_volume("data")
+    export = client.create_export(
+        "data", kind="virtiofs", via="fuse", consumer={"vm": "vm1", "tag": "t"}
+    )
+    server, virtiofsd = export["server"]["pid"], export["virtiofsd"]["pid"]
+    assert export["mountpoint"] in virtiofsd_pids()[virtiofsd]
+    os.kill(server, signal.SIGKILL)
+
+    def replaced() -> bool:
+        now = client.get_export(export["id"])
+        return (
+            now["server"]["pid"] not in (None, server)
+            and now["virtiofsd"]["pid"] not in (None, virtiofsd)
+        )
+
+    wait_for(replaced, "a fresh server and a fresh virtiofsd")
+    now = client.get_export(export["id"])
+    # (The old virtiofsd may have died of its lost source before it was told to go: then
+    # it counts as a crash. Either way a fresh one serves the new mount.)
+    assert now["server"]["restarts"] == 1
+    assert export["mountpoint"] in virtiofsd_pids()[now["virtiofsd"]["pid"]]
+    assert virtiofsd not in virtiofsd_pids()
+    client.remove_export(export["id"])
