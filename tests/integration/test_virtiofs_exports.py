@@ -254,9 +254,9 @@ def test_a_via_fuse_share_is_rearmed_when_its_server_is_replaced(daemon: Daemon)
 
     def replaced() -> bool:
         now = client.get_export(export["id"])
-        return (
-            now["server"]["pid"] not in (None, server)
-            and now["virtiofsd"]["pid"] not in (None, virtiofsd)
+        return now["server"]["pid"] not in (None, server) and now["virtiofsd"]["pid"] not in (
+            None,
+            virtiofsd,
         )
 
     wait_for(replaced, "a fresh server and a fresh virtiofsd")
