@@ -23,6 +23,7 @@ BOUNDARIES = {
     "vmdriver.backends.cloud_hypervisor": ["libvirt"],
     "vmdriver.cli": ["libvirt", "trio"],
     "volumed.exports": ["pyfuse3", "trio"],
+    "volumed.fs.nodes": ["volumed.exports", "pyfuse3", "trio"],
     "volumed.api": ["vmdriver", "libvirt", "pyfuse3"],
     "volumed.daemon": ["vmdriver", "libvirt", "pyfuse3"],
     "volumed.openapi": ["pyfuse3"],

@@ -12,8 +12,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from typing import Protocol
 
-from volumed.exports import Export
 from volumed.fs.passthrough import Passthrough
 
 log = logging.getLogger(__name__)
@@ -21,15 +21,30 @@ log = logging.getLogger(__name__)
 ROOT_INODE = 1
 
 
+class CacheTimes(Protocol):
+    """How long the kernel may trust answers (``volumed.exports.CachePolicy``)."""
+
+    @property
+    def entry_timeout(self) -> float: ...
+    @property
+    def negative_timeout(self) -> float: ...
+    @property
+    def attr_timeout(self) -> float: ...
+    @property
+    def keep_cache(self) -> bool: ...
+
+
 class ExportState:
-    """A live export as the filesystem sees it: its policy view and its root node."""
+    """A live export as the filesystem sees it: its id, its kernel caching, its policy view
+    and its root node (what the server needs of the export, not its record)."""
 
-    __slots__ = ("alive", "export", "name", "root", "view")
+    __slots__ = ("alive", "cache", "id", "name", "root", "view")
 
-    def __init__(self, export: Export, view: Passthrough) -> None:
-        self.export = export
+    def __init__(self, export_id: str, cache: CacheTimes, view: Passthrough) -> None:
+        self.id = export_id
+        self.cache = cache
         self.view = view
-        self.name = export.id.encode()
+        self.name = export_id.encode()
         self.alive = True
         self.root: Node | None = None
 
@@ -119,7 +134,7 @@ class InodeTable:
 
     def remember(self, export: ExportState, fd: int, st: os.stat_result) -> Node:
         """Count one kernel lookup of the object behind ``fd`` (consuming ``fd``)."""
-        key = (export.export.id, st.st_dev, st.st_ino)
+        key = (export.id, st.st_dev, st.st_ino)
         node = self._by_key.get(key)
         if node is not None and not node.closing:
             os.close(fd)
@@ -139,13 +154,13 @@ class InodeTable:
         node = Node(ROOT_INODE, export, fd, (st.st_dev, st.st_ino))
         node.pinned = True
         self._nodes[ROOT_INODE] = node
-        self._by_key[(export.export.id, st.st_dev, st.st_ino)] = node
+        self._by_key[(export.id, st.st_dev, st.st_ino)] = node
         return node
 
     def find(self, export: ExportState, st: os.stat_result) -> Node | None:
         """The live node of the object ``st`` describes, if the kernel knows it through
         ``export`` (nothing is counted: for answers the kernel does not count either)."""
-        node = self._by_key.get((export.export.id, st.st_dev, st.st_ino))
+        node = self._by_key.get((export.id, st.st_dev, st.st_ino))
         return None if node is None or node.closing else node
 
     def forget(self, inode: int, count: int) -> None:
@@ -159,7 +174,7 @@ class InodeTable:
 
     def _drop(self, node: Node) -> None:
         del self._nodes[node.inode]
-        key = (node.export.export.id, *node.key)
+        key = (node.export.id, *node.key)
         if self._by_key.get(key) is node:
             del self._by_key[key]
         node.retire()

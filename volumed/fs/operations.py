@@ -111,7 +111,7 @@ class BoxvolFS(pyfuse3.Operations):
         self, inode: int, st: os.stat_result, export: ExportState
     ) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
-        cache = export.export.policy.cache_policy
+        cache = export.cache
         attrs.st_ino = inode
         attrs.generation = 0
         attrs.entry_timeout = cache.entry_timeout
@@ -184,7 +184,7 @@ class BoxvolFS(pyfuse3.Operations):
             return None
         node.fresh = None  # it answers one GETATTR at most
         st, taken, mark = fresh
-        timeout = node.export.export.policy.cache_policy.attr_timeout
+        timeout = node.export.cache.attr_timeout
         age = time.monotonic() - taken
         if mark != self._changes or not 0 <= age < min(FRESH_WINDOW, timeout):
             return None
@@ -202,7 +202,7 @@ class BoxvolFS(pyfuse3.Operations):
         try:
             fd, st = await self._on_node(parent, parent.export.view.lookup, name)
         except FileNotFoundError:
-            remember = parent.export.export.policy.cache_policy.negative_timeout
+            remember = parent.export.cache.negative_timeout
             if remember <= 0:
                 raise
             absent = pyfuse3.EntryAttributes()
@@ -362,7 +362,7 @@ class BoxvolFS(pyfuse3.Operations):
         handle_id = self.table.add_handle(io_fd, node, unprivileged_writer=unprivileged)
         return pyfuse3.FileInfo(
             fh=handle_id,
-            keep_cache=node.export.export.policy.cache_policy.keep_cache,
+            keep_cache=node.export.cache.keep_cache,
         )
 
     @fuse_edge

@@ -156,9 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     export = decode_export(args.export)
     st = os.fstat(args.root_fd)
     enter_sandbox(args.root_fd)
-    state = ExportState(
-        export, make_view(read_only=export.policy.read_only, owner=export.policy.owner)
-    )
+    view = make_view(read_only=export.policy.read_only, owner=export.policy.owner)
+    state = ExportState(export.id, export.policy.cache_policy, view)
     fs = BoxvolFS(state, args.root_fd, st)
     options = {"fsname=boxvol", "subtype=boxvol", "allow_other", "default_permissions"}
     pyfuse3.init(fs, f"/dev/fd/{args.fuse_fd}", options)
