@@ -35,7 +35,7 @@ from volumed.exports import (
     check_policy,
     check_target,
 )
-from volumed.fs.fuse_mount import detach_all_under
+from volumed.fs.fuse_mount import detach, mounts_under
 from volumed.gate import open_volume_directory, volume_directory
 from volumed.model import Volume
 from volumed.store import VolumeStore, utc_now
@@ -117,6 +117,7 @@ class ExportManager:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self.restore()
+            await trio.to_thread.run_sync(self._clear_leftovers)
             task_status.started()
             await trio.sleep_forever()
 
@@ -152,7 +153,12 @@ class ExportManager:
             live.mountpoint = mountpoint
         if export.virtiofs is not None:
             try:
-                live.supervisor = await self._start_virtiofsd(export, volume, live.mountpoint)
+                live.supervisor = await self._start_virtiofsd(
+                    export,
+                    volume,
+                    live.mountpoint,
+                    source_survived=live.server is not None and live.server.adopted,
+                )
             except BaseException:
                 if live.server is not None:
                     await live.server.stop()
@@ -162,7 +168,7 @@ class ExportManager:
         return live
 
     async def _start_virtiofsd(
-        self, export: Export, volume: Volume, fuse_view: str | None
+        self, export: Export, volume: Volume, fuse_view: str | None, *, source_survived: bool
     ) -> VhostSupervisor:
         assert export.virtiofs is not None and self._nursery is not None
         if self._virtiofsd is None:
@@ -184,21 +190,31 @@ class ExportManager:
             virtiofsd=self._virtiofsd,
             gid=self.vhost_gid,
             keep_on_shutdown=fuse_view is None,
+            source_survived=source_survived,
         )
         await self._nursery.start(supervisor.serve)
         return supervisor
 
     def _prepare_mount_root(self) -> None:
         os.makedirs(self.servers_dir, mode=0o700, exist_ok=True)
-        for pid in stop_orphans(self.servers_dir):
-            log.warning("stopped an export server a previous boxvold left pid=%d", pid)
-        for point in detach_all_under(self.mount_root):
-            log.warning("detached a stale mount mountpoint=%s", point)
         os.makedirs(self.mount_root, mode=MOUNT_ROOT_MODE, exist_ok=True)
         os.chmod(self.mount_root, MOUNT_ROOT_MODE)
+
+    def _clear_leftovers(self) -> None:
+        """After restore: stop the servers and detach the mounts a previous boxvold left
+        that no live export owns (its export was removed, or could not be restored)."""
+        owned = {live.export.id for live in self._live.values() if live.server is not None}
+        for pid in stop_orphans(self.servers_dir, keep=owned):
+            log.warning("stopped an export server a previous boxvold left pid=%d", pid)
+        for point in mounts_under(self.mount_root):
+            if os.path.basename(point) not in owned or os.path.dirname(point) != os.path.realpath(
+                self.mount_root
+            ):
+                detach(point)
+                log.warning("detached a stale mount mountpoint=%s", point)
         for name in os.listdir(self.mount_root):
             path = os.path.join(self.mount_root, name)
-            if os.path.isdir(path) and not os.path.islink(path):
+            if name not in owned and os.path.isdir(path) and not os.path.islink(path):
                 with contextlib.suppress(OSError):
                     os.rmdir(path)  # an empty mountpoint of an export that is gone
 

@@ -21,13 +21,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 
 import trio
 
 from volumed.errors import StorageError
 from volumed.exports import Export, encode_export
-from volumed.fs.fuse_mount import detach, mount_fuse
+from volumed.fs.fuse_mount import detach, mount_fuse, mounted_at
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ class FuseServerSupervisor:
         self.pidfile = os.path.join(state_dir, f"{export.id}.pid")
         self.on_restart = on_restart
         self.pid: int | None = None
+        #: The server was left serving by a previous boxvold (a crash) and taken over.
+        self.adopted = False
         self.restarts = 0
         self.last_exit: int | None = None
         self._stopping = False
@@ -94,7 +96,13 @@ class FuseServerSupervisor:
         try:
             with trio.CancelScope() as scope:
                 self._scope = scope
-                status = await self._run_once(task_status, first=True)
+                adopted = await trio.to_thread.run_sync(self._adoptable_pid)
+                if adopted is not None:
+                    self.adopted = True
+                    task_status.started()
+                    status = await self._watch_adopted(adopted)
+                else:
+                    status = await self._run_once(task_status, first=True)
                 backoff = FIRST_BACKOFF
                 while not self._stopping:
                     self.restarts += 1
@@ -137,9 +145,42 @@ class FuseServerSupervisor:
         with contextlib.suppress(OSError):
             os.rmdir(self.mountpoint)
 
+    def _adoptable_pid(self) -> int | None:
+        """The server a previous boxvold left serving this export, if it still does: its
+        pidfile names a live ``volumed.fs.server`` of this export and the mount is there
+        (read from mountinfo: the mount itself is never touched, its server may be stuck)."""
+        pid = _server_of(self.pidfile, self.export.id)
+        if pid is None or not mounted_at(self.mountpoint):
+            return None
+        return pid
+
+    async def _watch_adopted(self, pid: int) -> int:
+        """Follow an adopted server until it ends (-1: a non-child's status is unknown); on
+        cancellation, stop it and detach its mount as for one of ours."""
+        self.pid = pid
+        log.info("export server re-adopted export=%s pid=%d", self.export.id, pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.pid = None
+            return -1
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_kill_and_wait, pid)
+                await trio.to_thread.run_sync(detach, self.mountpoint)
+            raise
+        finally:
+            os.close(pidfd)
+            self.pid = None
+        return -1
+
     async def _run_once(self, task_status: trio.TaskStatus[None], *, first: bool) -> int:
         """Mount, start a server and wait for it to end; its exit status."""
         root_fd, _st = await trio.to_thread.run_sync(self.open_root)
+        # A dead mount (its server died while no boxvold watched) is cleared first.
+        await trio.to_thread.run_sync(detach, self.mountpoint)
         try:
             fuse_fd = await trio.to_thread.run_sync(mount_fuse, self.mountpoint)
         except BaseException:
@@ -230,27 +271,37 @@ def _write_pidfile(path: str, pid: int) -> None:
         pidfile.write(f"{pid}\n")
 
 
-def stop_orphans(state_dir: str) -> list[int]:
-    """Stop the export servers a crashed boxvold left running (found by their pidfiles,
-    checked by command line), so the restored exports get fresh ones. Blocking."""
+def _server_of(pidfile: str, export_id: str) -> int | None:
+    """The pid a pidfile names if it is a live server of ``export_id``."""
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            argv = cmdline.read().split(b"\0")
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, ValueError):
+        return None
+    if b"volumed.fs.server" not in argv or export_id.encode() not in b" ".join(argv):
+        return None
+    return None if state in (b"Z", b"X") else pid
+
+
+def stop_orphans(state_dir: str, keep: Container[str]) -> list[int]:
+    """Stop the export servers a crashed boxvold left running for exports not in ``keep``
+    (found by their pidfiles, checked by command line). Blocking."""
     stopped: list[int] = []
     try:
         names = os.listdir(state_dir)
     except FileNotFoundError:
         return stopped
     for name in names:
-        if not name.endswith(".pid"):
+        export_id = name[: -len(".pid")]
+        if not name.endswith(".pid") or export_id in keep:
             continue
         path = os.path.join(state_dir, name)
-        try:
-            with open(path) as pidfile:
-                pid = int(pidfile.read().strip())
-            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                argv = cmdline.read().split(b"\0")
-        except (OSError, ValueError):
-            argv = []
-            pid = 0
-        if pid and b"volumed.fs.server" in argv and name[:-4].encode() in b" ".join(argv):
+        pid = _server_of(path, export_id)
+        if pid is not None:
             _kill_and_wait(pid)
             stopped.append(pid)
         with contextlib.suppress(FileNotFoundError):

@@ -97,6 +97,7 @@ class VhostSupervisor:
         virtiofsd: Virtiofsd,
         gid: int | None,
         keep_on_shutdown: bool,
+        source_survived: bool = False,
     ) -> None:
         self.export_id = export_id
         self.socket_path = socket_path
@@ -106,6 +107,9 @@ class VhostSupervisor:
         #: Leave virtiofsd serving when boxvold stops (True for direct exports, whose
         #: source does not go away with boxvold).
         self.keep_on_shutdown = keep_on_shutdown
+        #: The FUSE view it serves outlived the previous boxvold (its server was re-adopted):
+        #: a virtiofsd left on it is re-adopted as one on a volume is, its source intact.
+        self.source_survived = source_survived
         base = os.path.splitext(socket_path)[0]
         self.pidfile = base + ".pid"
         self.logfile = base + ".log"
@@ -138,6 +142,7 @@ class VhostSupervisor:
                 if (
                     adopted is not None
                     and not self.keep_on_shutdown
+                    and not self.source_survived
                     and not await trio.to_thread.run_sync(_guest_connected, self.socket_path)
                 ):
                     await self._stop_idle_lost(adopted)
@@ -206,7 +211,7 @@ class VhostSupervisor:
             os.close(pidfd)
 
     async def _serve_adopted(self, pid: int) -> None:
-        self.source_lost = not self.keep_on_shutdown
+        self.source_lost = not (self.keep_on_shutdown or self.source_survived)
         if self.source_lost:
             log.warning(
                 "virtiofsd re-adopted export=%s pid=%d source_lost=true: its FUSE view died "

@@ -538,28 +538,56 @@ def _wait_for_blocked_process(pid: int) -> None:
 def test_exports_keep_serving_through_a_boxvold_crash_and_restart(
     home: Path, runtime_dir: Path
 ) -> None:
-    """Export servers are processes of their own: a SIGKILLed boxvold leaves them serving;
-    the next boxvold stops what the crashed one left, serves the recorded export afresh at
-    the same path, and a clean stop leaves no mount and no server."""
+    """Export servers are processes of their own: a SIGKILLed boxvold leaves them serving,
+    the next boxvold re-adopts them (same process, same mount), and a clean stop leaves no
+    mount and no server."""
     daemon = Daemon(home, runtime_dir)
     daemon.start()
     ex = Export(daemon, "data")
     (ex.path / "f").write_text("survives")
-    old_server = daemon.client().get_export(ex.id)["server"]["pid"]
+    server = daemon.client().get_export(ex.id)["server"]["pid"]
+    with open(ex.path / "f") as held:  # a client holding a file across the crash
+        daemon.stop(signal.SIGKILL)
+        assert (ex.path / "f").read_text() == "survives"  # while boxvold is down
+        daemon.start()
+        try:
+            log = daemon.log.read_text()
+            assert f"export server re-adopted export={ex.id} pid={server}" in log
+            [export] = daemon.client().list_exports()
+            assert export["id"] == ex.id and export["server"]["pid"] == server
+            assert held.read() == "survives"  # never noticed
+            (ex.path / "g").write_text("after")
+        finally:
+            assert daemon.stop() == 0
+    assert not mounted_at(str(ex.path)) and not Path(f"/proc/{server}").exists()
+
+
+def test_a_server_that_died_while_boxvold_was_down_is_replaced(
+    home: Path, runtime_dir: Path
+) -> None:
+    import time
+
+    daemon = Daemon(home, runtime_dir)
+    daemon.start()
+    ex = Export(daemon, "data")
+    (ex.path / "f").write_text("kept")
+    server = daemon.client().get_export(ex.id)["server"]["pid"]
     daemon.stop(signal.SIGKILL)
-    assert (ex.path / "f").read_text() == "survives"  # while boxvold is down
+    os.kill(server, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{server}").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with pytest.raises(OSError) as caught:
+        os.listdir(ex.path)
+    assert caught.value.errno == errno.ENOTCONN
     daemon.start()
     try:
-        log = daemon.log.read_text()
-        assert "stopped an export server a previous boxvold left" in log
-        assert not Path(f"/proc/{old_server}").exists()
-        assert (ex.path / "f").read_text() == "survives"
-        [export] = daemon.client().list_exports()
-        assert export["id"] == ex.id and export["server"]["pid"] != old_server
-        new_server = export["server"]["pid"]
+        assert (ex.path / "f").read_text() == "kept"
+        assert daemon.client().get_export(ex.id)["server"]["pid"] not in (None, server)
     finally:
         assert daemon.stop() == 0
-    assert not mounted_at(str(ex.path)) and not Path(f"/proc/{new_server}").exists()
+    assert not mounted_at(str(ex.path))
 
 
 def test_each_server_is_sandboxed_in_its_volume(daemon: Daemon, export: Export) -> None:
