@@ -9,9 +9,11 @@ waiting in the backlog. A virtiofsd serving a volume directly outlives a clean b
 and is re-adopted at the next start (found through its pidfile); removing the export always
 stops it.
 
-After a crash of boxvold (SIGKILL), a virtiofsd serving a volume directly is re-adopted. One
-serving a FUSE view has lost that source with the crash. If no guest is connected to it, it
-is stopped and a fresh one is armed on the new view, so the next boot gets a working share.
+After a crash of boxvold (SIGKILL), a virtiofsd serving a volume directly is re-adopted, and
+so is one serving a FUSE view whose server was re-adopted too (``source_survived``). One
+serving a FUSE view that did not survive (its server died meanwhile) has lost that source. If
+no guest is connected to it, it is stopped and a fresh one is armed on the new view, so the
+next boot gets a working share.
 If a guest is connected, the guest gets I/O errors on the share until it lets go of it;
 stopping that virtiofsd would hang the guest's I/O instead (QEMU 7.2 cannot reconnect a
 vhost-user-fs device), so it is re-adopted, reported as ``source_lost``, left running when
