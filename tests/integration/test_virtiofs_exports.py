@@ -190,9 +190,10 @@ def test_direct_virtiofsd_survives_a_restart_and_is_readopted(
 
 
 def test_an_idle_virtiofsd_on_a_lost_fuse_view_is_replaced_after_a_crash(daemon: Daemon) -> None:
-    # No guest is connected: the virtiofsd the crashed boxvold left on its (now dead) FUSE
-    # view would hand the next boot a dead share, so the restarted boxvold replaces it. (A
-    # connected one is kept: tests/vm/test_daemon_restart.py.)
+    # The FUSE view's server dies too while boxvold is down (a view that survives is
+    # re-adopted with its virtiofsd: tests/vm/test_daemon_restart.py). No guest is connected:
+    # the virtiofsd left on the dead view would hand the next boot a dead share, so the
+    # restarted boxvold replaces it.
     client = daemon.client()
     client.create_volume("data")
     export = client.create_export(
@@ -206,8 +207,11 @@ def test_an_idle_virtiofsd_on_a_lost_fuse_view_is_replaced_after_a_crash(daemon:
         lambda: "Waiting for vhost-user socket connection" in virtiofsd_log.read_text(),
         "virtiofsd never became ready",
     )
+    server = export["server"]["pid"]
     assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
     assert old in virtiofsd_pids()
+    os.kill(server, signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{server}").exists(), "the server to die")
     offset = daemon.log_offset()
     daemon.start()
     wait_for(lambda: old not in virtiofsd_pids(), "the idle virtiofsd was not stopped")
