@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from tests.helpers import Daemon
+from volumed.client import Client
 from volumed.daemon import DaemonConfig, serve_boxvold
 
 
@@ -42,3 +43,9 @@ def daemon(home: Path, runtime_dir: Path) -> Iterator[Daemon]:
                 client.remove_export(export["id"])
             status = daemon.stop()
             assert status == 0, daemon.log.read_text()
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Client:
+    """A client of the test's boxvold."""
+    return daemon.client()

@@ -5,13 +5,12 @@ same workflow runs for real against QEMU in tests/vm/test_qmp_backend.py."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.helpers import Daemon
 from vmdriver.attachments import Attachments, anonymous_consumer
 from vmdriver.backends.base import Device, NewDevice, VmRef
 from vmdriver.driver import (
@@ -94,22 +93,6 @@ class FakeBackend:
 
     def close(self) -> None:
         pass
-
-
-@pytest.fixture
-def daemon(home: Path, runtime_dir: Path) -> Iterator[Daemon]:
-    d = Daemon(home, runtime_dir)
-    d.start()
-    yield d
-    client = d.client()
-    for export in client.list_exports():
-        client.remove_export(export["id"])
-    assert d.stop() == 0
-
-
-@pytest.fixture
-def client(daemon: Daemon) -> Client:
-    return daemon.client()
 
 
 def workflow(client: Client, backend: FakeBackend, tmp_path: Path) -> Attachments:

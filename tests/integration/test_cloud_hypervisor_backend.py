@@ -56,22 +56,6 @@ class Simulator:
 
 
 @pytest.fixture
-def daemon(home: Path, runtime_dir: Path) -> Iterator[Daemon]:
-    d = Daemon(home, runtime_dir)
-    d.start()
-    yield d
-    client = d.client()
-    for export in client.list_exports():
-        client.remove_export(export["id"])
-    assert d.stop() == 0
-
-
-@pytest.fixture
-def client(daemon: Daemon) -> Client:
-    return daemon.client()
-
-
-@pytest.fixture
 def simulators(runtime_dir: Path) -> Iterator[Callable[..., Simulator]]:
     made: list[Simulator] = []
 
