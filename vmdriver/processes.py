@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import socket
 import struct
+import urllib.parse
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from vmdriver.driver import HypervisorError
+from vmdriver.driver import HypervisorError, HypervisorUnavailable
+
+log = logging.getLogger(__name__)
+
+#: How often a watcher looks for a VMM at a socket that has none.
+RETRY_SECONDS = 1.0
 
 _UCRED = struct.Struct("3i")
 
@@ -92,3 +100,45 @@ async def wait_ended(instance: ProcessInstance) -> None:
         await trio.lowlevel.wait_readable(pidfd)
     finally:
         os.close(pidfd)
+
+
+def socket_uri_path(uri: str, scheme: str, what: str, example: str) -> str:
+    """The API socket a ``SCHEME:///ABSOLUTE/PATH`` URI names (``what`` and ``example`` for
+    the message, e.g. "QMP" and "qmp.sock"); refuses anything else."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme != scheme or parts.netloc or not parts.path.startswith("/"):
+        raise HypervisorUnavailable(
+            f"{uri!r} is not a {what} URI: give {scheme}:///ABSOLUTE/PATH/{example} (three slashes)"
+        )
+    if parts.query or parts.fragment:
+        raise HypervisorUnavailable(f"a {what} URI takes no query or fragment: {uri!r}")
+    return parts.path
+
+
+def instance_alive(instance: str, what: str) -> bool:
+    """Whether the VMM process a recorded ``pid=N,start=T`` names still runs."""
+    process = ProcessInstance.parse(instance)
+    if process is None:
+        raise HypervisorError(f"{instance!r} is not a {what} process instance (pid=N,start=T)")
+    return alive(process)
+
+
+async def follow_processes(
+    probe: Callable[[], Awaitable[ProcessInstance]],
+    on_ended: Callable[[str], Awaitable[object]],
+    what: str,
+) -> None:
+    """Follow the VMM processes behind one API socket, one after another, until cancelled:
+    ``probe`` names the one serving now (HypervisorUnavailable while none does, retried
+    every ``RETRY_SECONDS``); each one's end, seen through its pidfd, goes to ``on_ended``."""
+    while True:
+        try:
+            instance = await probe()
+        except HypervisorUnavailable as exc:
+            log.debug("watch %s: %s", what, exc.message)
+            await trio.sleep(RETRY_SECONDS)
+            continue
+        log.info("watch %s: following %s", what, instance)
+        await wait_ended(instance)
+        log.info("watch %s: %s ended", what, instance)
+        await on_ended(str(instance))

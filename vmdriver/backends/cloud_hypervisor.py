@@ -25,7 +25,6 @@ import json
 import logging
 import socket
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -41,7 +40,13 @@ from vmdriver.driver import (
     HypervisorUnavailable,
     Scope,
 )
-from vmdriver.processes import ProcessInstance, alive, peer_instance, wait_ended
+from vmdriver.processes import (
+    ProcessInstance,
+    follow_processes,
+    instance_alive,
+    peer_instance,
+    socket_uri_path,
+)
 from volumed.client import parse_response
 from volumed.errors import Conflict, InvalidArgument, ProtocolError
 
@@ -52,8 +57,6 @@ SCHEME = "ch"
 CALL_TIMEOUT = 30.0
 #: How often a removal is looked for in ``vm.info``.
 POLL_SECONDS = 0.2
-#: How often a watcher looks for a Cloud Hypervisor at a socket that has none.
-RETRY_SECONDS = 1.0
 MAX_ANSWER_BYTES = 16 << 20
 #: VM states in which devices can be hot-plugged.
 _LIVE_STATES = {"Running", "Paused"}
@@ -61,14 +64,7 @@ _LIVE_STATES = {"Running", "Paused"}
 
 def socket_path(uri: str) -> str:
     """The API socket a ``ch:///PATH`` URI names; refuses anything else."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme != SCHEME or parts.netloc or not parts.path.startswith("/"):
-        raise HypervisorUnavailable(
-            f"{uri!r} is not a Cloud Hypervisor URI: give ch:///ABSOLUTE/PATH/api.sock"
-        )
-    if parts.query or parts.fragment:
-        raise HypervisorUnavailable(f"a Cloud Hypervisor URI takes no query or fragment: {uri!r}")
-    return parts.path
+    return socket_uri_path(uri, SCHEME, "Cloud Hypervisor", "api.sock")
 
 
 class ChApiError(HypervisorError):
@@ -180,10 +176,7 @@ class CloudHypervisorBackend:
 
     def instance_exists(self, instance: str) -> bool:
         """Whether that Cloud Hypervisor process still runs."""
-        process = ProcessInstance.parse(instance)
-        if process is None:
-            raise HypervisorError(f"{instance!r} is not a process instance (pid=N,start=T)")
-        return alive(process)
+        return instance_alive(instance, "Cloud Hypervisor")
 
     def devices(self, vm: VmRef) -> list[Device]:
         """boxvol's virtio-fs devices in the VM's configuration (ids ``ua-boxvol-...``)."""
@@ -247,17 +240,13 @@ class CloudHypervisorBackend:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Follow the Cloud Hypervisor processes behind the socket, one after another."""
+
+        async def probe() -> ProcessInstance:
+            _, _, instance = await trio.to_thread.run_sync(self._call, "GET", "vmm.ping")
+            return instance
+
         task_status.started()
-        while True:
-            try:
-                _, _, instance = await trio.to_thread.run_sync(self._call, "GET", "vmm.ping")
-            except HypervisorUnavailable as exc:
-                log.debug("ch watch %s: %s", self.path, exc.message)
-                await trio.sleep(RETRY_SECONDS)
-                continue
-            log.info("ch watch %s: following Cloud Hypervisor %s", self.path, instance)
-            await wait_ended(instance)
-            await on_ended(str(instance))
+        await follow_processes(probe, on_ended, f"Cloud Hypervisor at {self.path}")
 
 
 def _read_answer(sock: socket.socket) -> bytes:

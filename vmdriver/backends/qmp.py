@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -33,19 +32,16 @@ from vmdriver.driver import (
     DeviceRemovalTimeout,
     DomainNotFound,
     DomainNotPrepared,
-    HypervisorError,
     HypervisorUnavailable,
     Scope,
 )
-from vmdriver.processes import ProcessInstance, alive, wait_ended
+from vmdriver.processes import ProcessInstance, follow_processes, instance_alive, socket_uri_path
 from vmdriver.qmp import QmpCommandError, QmpConnection
 
 log = logging.getLogger(__name__)
 
 SCHEME = "qmp"
 T = TypeVar("T")
-#: How often a watcher looks for a QEMU at a socket that has none.
-RETRY_SECONDS = 1.0
 #: QEMU run states in which the guest exists and can take a hot-plug.
 _LIVE_STATES = {"running", "paused", "debug", "prelaunch", "suspended", "watchdog", "io-error"}
 
@@ -57,14 +53,7 @@ def chardev_id(device_id: str) -> str:
 
 def socket_path(uri: str) -> str:
     """The QMP socket a ``qmp:///PATH`` URI names; refuses anything else."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme != SCHEME or parts.netloc or not parts.path.startswith("/"):
-        raise HypervisorUnavailable(
-            f"{uri!r} is not a QMP URI: give qmp:///ABSOLUTE/PATH/qmp.sock (three slashes)"
-        )
-    if parts.query or parts.fragment:
-        raise HypervisorUnavailable(f"a QMP URI takes no query or fragment: {uri!r}")
-    return parts.path
+    return socket_uri_path(uri, SCHEME, "QMP", "qmp.sock")
 
 
 class QmpBackend:
@@ -118,10 +107,7 @@ class QmpBackend:
 
     def instance_exists(self, instance: str) -> bool:
         """Whether that QEMU process still runs."""
-        process = ProcessInstance.parse(instance)
-        if process is None:
-            raise HypervisorError(f"{instance!r} is not a QEMU process instance (pid=N,start=T)")
-        return alive(process)
+        return instance_alive(instance, "QEMU")
 
     def devices(self, vm: VmRef) -> list[Device]:
         """boxvol's vhost-user-fs devices (ids starting ``ua-boxvol-``) and their tags."""
@@ -214,21 +200,14 @@ class QmpBackend:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Follow the QEMU processes behind the socket, one after another: each one's end
-        is reported once its pidfd says it exited."""
+        """Follow the QEMU processes behind the socket, one after another."""
+
+        async def probe() -> ProcessInstance:
+            async with QmpConnection.open(self.path) as qmp:
+                return qmp.instance
+
         task_status.started()
-        while True:
-            try:
-                async with QmpConnection.open(self.path) as qmp:
-                    instance = qmp.instance
-            except HypervisorUnavailable as exc:
-                log.debug("qmp watch %s: %s", self.path, exc.message)
-                await trio.sleep(RETRY_SECONDS)
-                continue
-            log.info("qmp watch %s: following QEMU %s", self.path, instance)
-            await wait_ended(instance)
-            log.info("qmp watch %s: QEMU %s ended", self.path, instance)
-            await on_ended(str(instance))
+        await follow_processes(probe, on_ended, f"QEMU at {self.path}")
 
 
 async def _devices(qmp: QmpConnection) -> list[Device]:
