@@ -26,6 +26,27 @@ GUEST_TIMEOUT = 180.0
 INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE
 
 
+def share_waits(tag: str) -> str:
+    """Shell functions for a guest script that follows hot-plugged shares: ``devs`` (virtio-fs
+    devices present), ``wait_mount`` (mount TAG at /mnt once it appears) and ``wait_gone``
+    (until no virtio-fs device is left), each giving up after 5 minutes with a STEP line."""
+    return f"""\
+devs() {{ ls /sys/bus/virtio/drivers/virtiofs/ 2>/dev/null | grep -c '^virtio'; }}
+wait_mount() {{
+    i=0
+    until mount -t virtiofs {tag} /mnt 2>/dev/null; do
+        i=$((i+1)); [ $i -gt 3000 ] && {{ echo "STEP: no-tag"; exit 3; }}; sleep 0.1
+    done
+}}
+wait_gone() {{
+    i=0
+    while [ "$(devs)" != 0 ]; do
+        i=$((i+1)); [ $i -gt 3000 ] && {{ echo "STEP: still-there"; exit 4; }}; sleep 0.1
+    done
+}}
+"""
+
+
 def virtiofsd_serving(*paths: Path) -> dict[int, str]:
     """virtiofsd processes whose command line names one of ``paths`` (pid -> command)."""
     return processes_naming(*(str(p) for p in paths), program="virtiofsd")

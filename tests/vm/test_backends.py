@@ -21,7 +21,14 @@ import trio
 
 from guest.build import GuestImage
 from tests.helpers import VENV_BIN, Daemon
-from tests.vm.helpers import GUEST_TIMEOUT, URI, QemuGuest, TestDomain, virtiofsd_serving
+from tests.vm.helpers import (
+    GUEST_TIMEOUT,
+    URI,
+    QemuGuest,
+    TestDomain,
+    share_waits,
+    virtiofsd_serving,
+)
 from vmdriver.attachments import Attachments, anonymous_consumer
 from vmdriver.backends.base import NewDevice
 from vmdriver.backends.libvirt import LibvirtDriver
@@ -30,20 +37,9 @@ from vmdriver.driver import DomainNotPrepared, Scope
 from vmdriver.qmp import QmpCommandError, QmpConnection
 from volumed.client import Client
 
-SCRIPT = """\
-devs() { ls /sys/bus/virtio/drivers/virtiofs/ 2>/dev/null | grep -c '^virtio'; }
-wait_mount() {
-    i=0
-    until mount -t virtiofs bv-data /mnt 2>/dev/null; do
-        i=$((i+1)); [ $i -gt 3000 ] && { echo "STEP: no-tag"; exit 3; }; sleep 0.1
-    done
-}
-wait_gone() {
-    i=0
-    while [ "$(devs)" != 0 ]; do
-        i=$((i+1)); [ $i -gt 3000 ] && { echo "STEP: still-there"; exit 4; }; sleep 0.1
-    done
-}
+SCRIPT = (
+    share_waits("bv-data")
+    + """\
 mkdir -p /mnt
 echo "STEP: waiting"
 wait_mount
@@ -68,6 +64,7 @@ until [ "$(devs)" != 0 ]; do
 done
 echo "STEP: anon-seen"
 """
+)
 
 
 def qmp(guest: QemuGuest, command: str, **arguments: Any) -> Any:

@@ -19,7 +19,15 @@ import pytest
 import trio
 
 from tests.helpers import REPO, VENV_BIN, Daemon
-from tests.vm.helpers import INACTIVE, URI, Domains, TestDomain, virtiofsd_running, volume_dir
+from tests.vm.helpers import (
+    INACTIVE,
+    URI,
+    Domains,
+    TestDomain,
+    share_waits,
+    virtiofsd_running,
+    volume_dir,
+)
 from vmdriver import domain_xml as dx
 from vmdriver.attachments import anonymous_consumer
 from vmdriver.backends.libvirt import LibvirtDriver
@@ -138,20 +146,9 @@ def test_boot_time_named_volume_written_then_read_by_another_domain(
 
 # -- 2: hot-plug, hot-unplug in the right order, attach again; a guest that does not answer --
 
-HOTPLUG = """\
-devs() { ls /sys/bus/virtio/drivers/virtiofs/ 2>/dev/null | grep -c '^virtio'; }
-wait_mount() {
-    i=0
-    until mount -t virtiofs bv-hot /mnt 2>/dev/null; do
-        i=$((i+1)); [ $i -gt 3000 ] && { echo "STEP: no-tag"; exit 3; }; sleep 0.1
-    done
-}
-wait_gone() {
-    i=0
-    while [ "$(devs)" != 0 ]; do
-        i=$((i+1)); [ $i -gt 3000 ] && { echo "STEP: still-there"; exit 4; }; sleep 0.1
-    done
-}
+HOTPLUG = (
+    share_waits("bv-hot")
+    + """\
 mkdir -p /mnt
 echo "STEP: waiting"
 for n in 1 2 3; do
@@ -163,6 +160,7 @@ for n in 1 2 3; do
     echo "STEP: gone$n"
 done
 """
+)
 
 
 class RecordingClient(Client):
