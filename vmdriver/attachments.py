@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import re
@@ -495,17 +496,11 @@ class Attachments:
 
         report(await trio.to_thread.run_sync(self.reconcile))
         async with trio.open_nursery() as nursery:
-            await nursery.start(_watch_backend, self.backend, ended)
+            await nursery.start(functools.partial(self.backend.watch, ended))
             task_status.started()
             while True:
                 await trio.sleep(RECONCILE_EVERY)
                 report(await trio.to_thread.run_sync(self.reconcile))
-
-
-async def _watch_backend(
-    backend: Backend, ended: Any, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    await backend.watch(ended, task_status=task_status)
 
 
 def select(domain: str, attachments: list[Attachment], targets: Sequence[str]) -> list[Attachment]:
