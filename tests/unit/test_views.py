@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import errno
-import inspect
+import functools
 import os
 import signal
 import stat
 import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from volumed.fs.passthrough import AttrChange, Caller, Passthrough
+from tests.helpers import REPO
+from volumed.fs.passthrough import AttrChange, Caller, Passthrough, View
 from volumed.fs.views import (
     READ_OPERATIONS,
+    WRITE_OPERATIONS,
     OwnerMapped,
     ReadOnly,
     make_view,
     presented_owner,
+    public_operations,
 )
 
 ROOT = Caller(0, 0)
@@ -38,41 +43,56 @@ def root_fd(tmp_path: Path) -> Iterator[int]:
 
 def test_make_view_picks_the_policy() -> None:
     assert type(make_view(read_only=False, owner=None)) is Passthrough
-    assert isinstance(make_view(read_only=True, owner=None), ReadOnly)
+    plain = make_view(read_only=True, owner=None)
+    assert isinstance(plain, ReadOnly) and type(plain.inner) is Passthrough
+    mapped = make_view(read_only=False, owner=(7, 8))
+    assert isinstance(mapped, OwnerMapped) and presented_owner(mapped) == (7, 8)
     both = make_view(read_only=True, owner=(7, 8))
-    assert isinstance(both, ReadOnly) and isinstance(both, OwnerMapped)
-    assert presented_owner(both) == (7, 8)
+    assert isinstance(both, ReadOnly) and isinstance(both.inner, OwnerMapped)
+    assert presented_owner(both) == (7, 8)  # seen through the wrapper
+    assert presented_owner(plain) is None
     assert presented_owner(Passthrough()) is None
 
 
-def test_read_only_refuses_every_mutation(root_fd: int, tmp_path: Path) -> None:
-    view = ReadOnly()
+@pytest.mark.parametrize("inner", [Passthrough(), OwnerMapped(7, 8)], ids=["plain", "mapped"])
+def test_read_only_refuses_every_mutation(root_fd: int, tmp_path: Path, inner: View) -> None:
+    view = ReadOnly(inner)
     fd, _ = view.lookup(root_fd, b"f")
     try:
         assert view.read(view.open(fd, os.O_RDONLY), 0, 10) == b"data"
-        mutations: list[Callable[[], object]] = [
-            lambda: view.setattr(fd, AttrChange(mode=0o777), ROOT),
-            lambda: view.create(root_fd, b"n", 0o644, os.O_WRONLY, ROOT),
-            lambda: view.mknod(root_fd, b"n", stat.S_IFIFO | 0o644, 0, ROOT),
-            lambda: view.mkdir(root_fd, b"n", 0o755, ROOT),
-            lambda: view.symlink(root_fd, b"n", b"t", ROOT),
-            lambda: view.link(fd, root_fd, b"n"),
-            lambda: view.unlink(root_fd, b"f"),
-            lambda: view.rmdir(root_fd, b"d"),
-            lambda: view.rename(root_fd, b"f", root_fd, b"g", 0),
-            lambda: view.open(fd, os.O_WRONLY),
-            lambda: view.open(fd, os.O_RDONLY | os.O_TRUNC),
-            lambda: view.write(view.open(fd, os.O_RDONLY), 0, b"x"),
-            lambda: view.setxattr(fd, b"user.a", b"1"),
-            lambda: view.removexattr(fd, b"user.a"),
+        assert view.statfs(root_fd).f_bsize > 0
+        mutations: dict[str, Callable[[], object]] = {
+            "setattr": lambda: view.setattr(fd, AttrChange(mode=0o777), ROOT),
+            "create": lambda: view.create(root_fd, b"n", 0o644, os.O_WRONLY, ROOT),
+            "mknod": lambda: view.mknod(root_fd, b"n", stat.S_IFIFO | 0o644, 0, ROOT),
+            "mkdir": lambda: view.mkdir(root_fd, b"n", 0o755, ROOT),
+            "symlink": lambda: view.symlink(root_fd, b"n", b"t", ROOT),
+            "link": lambda: view.link(fd, root_fd, b"n"),
+            "unlink": lambda: view.unlink(root_fd, b"f"),
+            "rmdir": lambda: view.rmdir(root_fd, b"d"),
+            "rename": lambda: view.rename(root_fd, b"f", root_fd, b"g", 0),
+            "write": lambda: view.write(view.open(fd, os.O_RDONLY), 0, b"x"),
+            "setxattr": lambda: view.setxattr(fd, b"user.a", b"1"),
+            "removexattr": lambda: view.removexattr(fd, b"user.a"),
+        }
+        assert set(mutations) == WRITE_OPERATIONS  # each refusal is tried here
+        opens_for_writing = [
+            os.O_WRONLY,
+            os.O_RDWR,
+            os.O_RDONLY | os.O_TRUNC,
+            os.O_RDONLY | os.O_APPEND,
+            os.O_RDONLY | os.O_CREAT,
         ]
-        for mutation in mutations:
+        for flags in opens_for_writing:
+            mutations[f"open {flags:#o}"] = functools.partial(view.open, fd, flags)
+        for name, mutation in mutations.items():
             with pytest.raises(OSError) as caught:
                 mutation()
-            assert caught.value.errno == errno.EROFS
+            assert caught.value.errno == errno.EROFS, name
     finally:
         os.close(fd)
     assert sorted(os.listdir(tmp_path)) == ["d", "f"]
+    assert _mode(tmp_path, "f") == 0o644
 
 
 def test_passthrough_never_leaves_the_directory(root_fd: int, tmp_path: Path) -> None:
@@ -126,17 +146,48 @@ def test_owner_mapping_keeps_backing_ownership(root_fd: int, tmp_path: Path) -> 
         os.close(fd)
 
 
-def test_read_only_overrides_every_operation_but_the_reads() -> None:
-    # A mutating operation added to Passthrough must be refused by ReadOnly (or named a
-    # read in views.READ_OPERATIONS, on purpose): inheritance would let it through.
-    public = {
-        name
-        for name, member in inspect.getmembers(Passthrough, inspect.isfunction)
-        if not name.startswith("_")
-    }
-    assert public >= READ_OPERATIONS
-    let_through = {name for name in public if getattr(ReadOnly, name) is getattr(Passthrough, name)}
-    assert let_through == READ_OPERATIONS
+def test_read_only_sorts_every_operation_of_the_interface() -> None:
+    # Every public operation is a read (delegated) or a write (refused), but open, which
+    # ReadOnly decides by its flags: exactly once each, and nothing else exists.
+    operations = public_operations(Passthrough)
+    assert operations == public_operations(View)
+    assert READ_OPERATIONS.isdisjoint(WRITE_OPERATIONS)
+    assert operations == READ_OPERATIONS | WRITE_OPERATIONS | {"open"}
+    assert public_operations(ReadOnly) == {"open"}
+
+
+def test_read_only_delegates_the_reads_to_the_view_it_wraps() -> None:
+    inner = OwnerMapped(7, 8)
+    view = ReadOnly(inner)
+    for name in READ_OPERATIONS:
+        assert getattr(view, name) == getattr(inner, name), name
+    assert view.permitted_mode(0o6755) == 0o755  # the mapping's rule holds under the wrapper
+    with pytest.raises(AttributeError):  # an operation nobody sorted does not exist
+        view.punch_hole  # noqa: B018
+
+
+def test_a_view_with_an_unsorted_operation_cannot_be_wrapped() -> None:
+    class Grown(Passthrough):
+        def punch_hole(self, io_fd: int, offset: int, length: int) -> None:
+            raise AssertionError("never called")
+
+    with pytest.raises(TypeError, match="punch_hole"):
+        ReadOnly(Grown())
+
+
+def test_a_passthrough_operation_nobody_sorted_fails_the_import() -> None:
+    code = textwrap.dedent(
+        """
+        from volumed.fs import passthrough
+        passthrough.Passthrough.punch_hole = lambda self, io_fd, offset, length: None
+        import volumed.fs.views
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert done.returncode != 0
+    assert "TypeError" in done.stderr and "punch_hole" in done.stderr
 
 
 def _mode(tmp_path: Path, name: str) -> int:

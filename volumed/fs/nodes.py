@@ -4,7 +4,9 @@ Each backing object reached through an export gets one FUSE inode, keyed by
 (export, st_dev, st_ino), holding an ``O_PATH`` fd and the kernel's lookup count, which
 ``forget`` releases. An fd is closed only when nothing uses it any more, so a request in
 flight never sees its fd number closed and reused under it. The export's root is the
-mount's root inode. Runs on the export server's trio loop.
+mount's root inode. Open files and open directories share one table of handles, one id
+space: a handle asked for as the other kind is EBADF. Runs on the export server's trio
+loop; imports neither pyfuse3 nor trio (``tests/unit/test_boundaries.py``).
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from volumed.fs.passthrough import Passthrough
+from volumed.fs.passthrough import View
+
+if TYPE_CHECKING:  # the FUSE edge's entry type, for annotations only: never loaded here
+    import pyfuse3
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ class ExportState:
 
     __slots__ = ("alive", "cache", "id", "name", "root", "view")
 
-    def __init__(self, export_id: str, cache: CacheTimes, view: Passthrough) -> None:
+    def __init__(self, export_id: str, cache: CacheTimes, view: View) -> None:
         self.id = export_id
         self.cache = cache
         self.view = view
@@ -98,7 +103,7 @@ class Node(_Pinned):
         self.fresh: tuple[os.stat_result, float, int] | None = None
 
 
-class Handle(_Pinned):
+class FileHandle(_Pinned):
     """An open file: its own backing fd, so O_APPEND and friends are per open."""
 
     __slots__ = ("export", "node", "unprivileged_writer")
@@ -112,14 +117,38 @@ class Handle(_Pinned):
         self.unprivileged_writer = unprivileged_writer
 
 
+class DirHandle:
+    """An open directory: no fd of its own (its node's serves), and the snapshot its
+    listing is answered from, so offsets stay valid however the directory changes."""
+
+    __slots__ = ("dots", "export", "names", "node")
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.export = node.export
+        self.names: list[bytes] = []
+        #: What "." and ".." present, taken with ``names``; None until the first snapshot.
+        self.dots: tuple[pyfuse3.EntryAttributes, pyfuse3.EntryAttributes] | None = None
+
+    def retire(self) -> None:
+        """The kernel closed the directory: drop the snapshot."""
+        self.names = []
+        self.dots = None
+
+
+H = TypeVar("H", FileHandle, DirHandle)
+
+
 class InodeTable:
-    """Inodes and file handles of the whole mount."""
+    """Inodes and handles (open files and directories) of the whole mount."""
 
     def __init__(self) -> None:
         self._nodes: dict[int, Node] = {}
         self._by_key: dict[tuple[str, int, int], Node] = {}
         self._next_inode = ROOT_INODE + 1
-        self._handles: dict[int, Handle] = {}
+        #: Open files and directories, in one id space: the one place handles are added,
+        #: found (by kind) and released.
+        self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_handle = 1
 
     def __len__(self) -> int:
@@ -179,24 +208,30 @@ class InodeTable:
             del self._by_key[key]
         node.retire()
 
-    def add_handle(self, fd: int, node: Node, *, unprivileged_writer: bool) -> int:
-        """Register an open backing fd; returns the FUSE file handle."""
+    def add_handle(self, handle: FileHandle | DirHandle) -> int:
+        """Register an open file or directory; returns its FUSE handle."""
         handle_id = self._next_handle
         self._next_handle += 1
-        self._handles[handle_id] = Handle(fd, node, unprivileged_writer=unprivileged_writer)
+        self._handles[handle_id] = handle
         return handle_id
 
-    def handle(self, handle_id: int) -> Handle:
-        """An open file; EBADF if unknown, ESTALE once its export is gone."""
+    def handle(self, handle_id: int, kind: type[H]) -> H:
+        """An open handle of ``kind``; EBADF if unknown or of the other kind (a file's
+        handle sent for a directory's), ESTALE once its export is gone."""
         handle = self._handles.get(handle_id)
-        if handle is None:
+        if not isinstance(handle, kind):
             raise OSError(errno.EBADF, "")
         if not handle.export.alive:
             raise OSError(errno.ESTALE, "")
         return handle
 
-    def release_handle(self, handle_id: int) -> None:
-        """The kernel closed the file."""
-        handle = self._handles.pop(handle_id, None)
-        if handle is not None:
-            handle.retire()
+    def release_handle(self, handle_id: int, kind: type[H]) -> None:
+        """The kernel closed the file or directory; EBADF (and nothing released) if the
+        handle is of the other kind."""
+        handle = self._handles.get(handle_id)
+        if handle is None:
+            return
+        if not isinstance(handle, kind):
+            raise OSError(errno.EBADF, "")
+        del self._handles[handle_id]
+        handle.retire()

@@ -23,8 +23,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from volumed.fs.nodes import ROOT_INODE, ExportState, InodeTable, Node
-from volumed.fs.passthrough import AttrChange, Caller, Passthrough, is_exposed_xattr
+from volumed.fs.nodes import ROOT_INODE, DirHandle, ExportState, FileHandle, InodeTable, Node
+from volumed.fs.passthrough import AttrChange, Caller, View, is_exposed_xattr
 from volumed.fs.views import presented_owner
 
 log = logging.getLogger(__name__)
@@ -66,29 +66,16 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
     return Caller(ctx.uid, ctx.gid, pid=ctx.pid)
 
 
-class _DirHandle:
-    __slots__ = ("dots", "export", "names", "node")
-
-    def __init__(self, node: Node | None, export: ExportState | None) -> None:
-        self.node = node
-        self.export = export
-        self.names: list[bytes] = []
-        #: What "." and ".." present, taken with ``names``; None until the first snapshot.
-        self.dots: tuple[pyfuse3.EntryAttributes, pyfuse3.EntryAttributes] | None = None
-
-
 class BoxvolFS(pyfuse3.Operations):
     """One export's filesystem: its volume at the mount's root, through its policy view.
 
     Attributes:
-        table: inodes and open files.
+        table: inodes, and handles of open files and directories.
         root: the export, with its view and its root node (the mount's root inode).
     """
 
     table: InodeTable
     root: ExportState
-    _dirs: dict[int, _DirHandle]
-    _next_dir: int
 
     def __init__(self, state: ExportState, root_fd: int, st: os.stat_result) -> None:
         """Serve ``state`` rooted at ``root_fd`` (consumed: it lives as long as this)."""
@@ -96,8 +83,6 @@ class BoxvolFS(pyfuse3.Operations):
         self.table = InodeTable()
         state.root = self.table.remember_root(state, root_fd, st)
         self.root = state
-        self._dirs = {}
-        self._next_dir = 1
         #: Namespace changes (create, mkdir, unlink, rename, ...) started so far, mount-wide.
         self._changes = 0
 
@@ -244,7 +229,7 @@ class BoxvolFS(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
-        handle = self.table.handle(fh) if fh is not None else None
+        handle = self.table.handle(fh, FileHandle) if fh is not None else None
         io_fd = handle.acquire() if handle is not None else None
         try:
             st = await self._on_node(node, node.export.view.setattr, change, _caller(ctx), io_fd)
@@ -359,7 +344,7 @@ class BoxvolFS(pyfuse3.Operations):
     ) -> pyfuse3.FileInfo:
         writes = bool(flags & (os.O_WRONLY | os.O_RDWR))
         unprivileged = writes and not _caller(ctx).privileged
-        handle_id = self.table.add_handle(io_fd, node, unprivileged_writer=unprivileged)
+        handle_id = self.table.add_handle(FileHandle(io_fd, node, unprivileged_writer=unprivileged))
         return pyfuse3.FileInfo(
             fh=handle_id,
             keep_cache=node.export.cache.keep_cache,
@@ -392,7 +377,7 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        handle = self.table.handle(fh)
+        handle = self.table.handle(fh, FileHandle)
         io_fd = handle.acquire()
         try:
             return await self._run(handle.export.view.read, io_fd, off, size)
@@ -401,7 +386,7 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self.table.handle(fh)
+        handle = self.table.handle(fh, FileHandle)
         io_fd = handle.acquire()
         try:
             write = functools.partial(
@@ -423,11 +408,11 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def release(self, fh: int) -> None:
-        self.table.release_handle(fh)
+        self.table.release_handle(fh, FileHandle)
 
     @fuse_edge
     async def fsync(self, fh: int, datasync: bool) -> None:
-        handle = self.table.handle(fh)
+        handle = self.table.handle(fh, FileHandle)
         io_fd = handle.acquire()
         try:
             await self._run(handle.export.view.fsync, io_fd, datasync)
@@ -438,26 +423,12 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node = self.table.node(inode)
-        handle = _DirHandle(node, node.export)
-        handle_id = self._next_dir
-        self._next_dir += 1
-        self._dirs[handle_id] = handle
-        return handle_id
-
-    def _dir(self, fh: int) -> _DirHandle:
-        handle = self._dirs.get(fh)
-        if handle is None:
-            raise OSError(errno.EBADF, "")
-        if handle.export is not None and not handle.export.alive:
-            raise OSError(errno.ESTALE, "")
-        return handle
+        return self.table.add_handle(DirHandle(self.table.node(inode)))
 
     @fuse_edge
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        handle = self._dir(fh)
-        assert handle.node is not None
-        node, export = handle.node, handle.node.export
+        handle = self.table.handle(fh, DirHandle)
+        node, export = handle.node, handle.export
         if start_id == 0 or handle.dots is None:
             # A snapshot per pass: offsets stay valid however the directory changes.
             is_root = node is export.root
@@ -505,13 +476,12 @@ class BoxvolFS(pyfuse3.Operations):
 
     @fuse_edge
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        self.table.release_handle(fh, DirHandle)
 
     @fuse_edge
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        handle = self._dir(fh)
-        if handle.node is not None:
-            await self._on_node(handle.node, handle.export.view.fsyncdir, datasync)  # type: ignore[union-attr]
+        handle = self.table.handle(fh, DirHandle)
+        await self._on_node(handle.node, handle.export.view.fsyncdir, datasync)
 
     @fuse_edge
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -581,7 +551,7 @@ def _then_stat(parent_fd: int, fn: Callable[..., T], *args: Any) -> tuple[T, os.
 
 
 def _rename_then_stat(
-    old_parent_fd: int, new_parent_fd: int, view: Passthrough, old: bytes, new: bytes, flags: int
+    old_parent_fd: int, new_parent_fd: int, view: View, old: bytes, new: bytes, flags: int
 ) -> tuple[os.stat_result | None, os.stat_result | None]:
     """Blocking: rename, then both directories' attributes as it left them."""
     view.rename(old_parent_fd, old, new_parent_fd, new, flags)
@@ -589,7 +559,7 @@ def _rename_then_stat(
 
 
 def _link_then_stat(
-    fd: int, parent_fd: int, view: Passthrough, name: bytes
+    fd: int, parent_fd: int, view: View, name: bytes
 ) -> tuple[os.stat_result, os.stat_result | None]:
     """Blocking: hard-link, then the linked inode's and the directory's attributes."""
     return view.link(fd, parent_fd, name), _stat_or_none(parent_fd)
@@ -612,7 +582,7 @@ def _reply_dots(
 
 
 def _snapshot(
-    fd: int, view: Passthrough, is_root: bool
+    fd: int, view: View, is_root: bool
 ) -> tuple[list[bytes], os.stat_result, os.stat_result | None]:
     """Blocking: a directory's names, its attributes, and its parent's unless it is an
     export's root (or its parent is gone)."""

@@ -1,24 +1,26 @@
-"""Export policies as views: each is the passthrough interface with one rule changed.
+"""Export policies as views: each implements the passthrough interface (``View``).
 
-``ReadOnly`` answers EROFS to every mutation; ``OwnerMapped`` keeps the backing store's
-ownership while the export presents one uid/gid, and so stores no setuid or setgid bit
-(the backing owner is root's: such a bit would make a root setuid binary for every other
-export and guest of the volume). They compose by inheritance over the stateless
-``Passthrough``, so a policy lives in one class, not in checks across handlers.
-``READ_OPERATIONS`` names what ``ReadOnly`` lets through; a test holds every other
-operation of ``Passthrough`` to be refused, so a new mutating one cannot slip past it.
+``OwnerMapped`` is the passthrough with one rule changed: it keeps the backing store's
+ownership while the export presents one uid/gid, and so stores no setuid or setgid bit (the
+backing owner is root's: such a bit would make a root setuid binary for every other export
+and guest of the volume). ``ReadOnly`` is a wrapper around any view, as virtiofsd's
+read-only filesystem wraps its passthrough: every public operation of the interface is
+sorted into ``READ_OPERATIONS`` (delegated to the wrapped view) or ``WRITE_OPERATIONS``
+(EROFS), but ``open``, which it decides by the open's flags. An operation in neither fails
+importing this module, and wrapping a view that has one fails too, so a new mutating
+operation cannot slip through; the rule lives in these two sets, nowhere else.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from typing import Any, NoReturn
 
 from volumed.fs import setid
-from volumed.fs.passthrough import AttrChange, Caller, Passthrough
+from volumed.fs.passthrough import AttrChange, Caller, Passthrough, View
 
-#: The operations of ``Passthrough`` that change nothing; ``ReadOnly`` refuses every other
-#: (``open`` passes only without write flags).
+#: Operations that change nothing: ``ReadOnly`` hands them to the view it wraps.
 READ_OPERATIONS = frozenset(
     {
         "lookup",
@@ -35,68 +37,86 @@ READ_OPERATIONS = frozenset(
         "permitted_mode",
     }
 )
+#: Operations that change the volume: ``ReadOnly`` answers EROFS without calling anything.
+WRITE_OPERATIONS = frozenset(
+    {
+        "setattr",
+        "create",
+        "mknod",
+        "mkdir",
+        "symlink",
+        "link",
+        "unlink",
+        "rmdir",
+        "rename",
+        "write",
+        "setxattr",
+        "removexattr",
+    }
+)
+#: Flags that make an open one for writing (or truncating, or creating).
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
-def _erofs() -> OSError:
-    return OSError(errno.EROFS, "read-only export")
+def _refuse(*args: object, **kwargs: object) -> NoReturn:
+    raise OSError(errno.EROFS, "read-only export")
 
 
-class ReadOnly(Passthrough):
-    """Reads pass; every mutation fails with EROFS."""
+def public_operations(cls: type) -> frozenset[str]:
+    """Every public member of a view class: each is an operation some policy must decide."""
+    return frozenset(name for name in dir(cls) if not name.startswith("_"))
 
-    def setattr(
-        self, fd: int, change: AttrChange, caller: Caller, io_fd: int | None = None
-    ) -> os.stat_result:
-        raise _erofs()
 
-    def create(
-        self, parent_fd: int, name: bytes, mode: int, flags: int, caller: Caller | None
-    ) -> tuple[int, int, os.stat_result]:
-        raise _erofs()
+def _check_sorted(cls: type) -> None:
+    """TypeError unless ``ReadOnly`` decides every operation of ``cls``."""
+    unsorted = public_operations(cls) - READ_OPERATIONS - WRITE_OPERATIONS - _BY_ARGUMENTS
+    if unsorted:
+        raise TypeError(
+            f"read-only view of {cls.__name__}: {', '.join(sorted(unsorted))} in neither "
+            "views.READ_OPERATIONS nor views.WRITE_OPERATIONS; sort each there"
+        )
 
-    def mknod(
-        self, parent_fd: int, name: bytes, mode: int, rdev: int, caller: Caller | None
-    ) -> tuple[int, os.stat_result]:
-        raise _erofs()
 
-    def mkdir(
-        self, parent_fd: int, name: bytes, mode: int, caller: Caller | None
-    ) -> tuple[int, os.stat_result]:
-        raise _erofs()
+class ReadOnly:
+    """Wraps a view: reads pass to it, every mutation fails with EROFS.
 
-    def symlink(
-        self, parent_fd: int, name: bytes, target: bytes, caller: Caller | None
-    ) -> tuple[int, os.stat_result]:
-        raise _erofs()
+    Every operation but ``open`` is found through ``__getattr__``, from the two sets above;
+    a name in neither is no attribute at all, so nothing unsorted is ever called.
+    """
 
-    def link(self, fd: int, new_parent_fd: int, name: bytes) -> os.stat_result:
-        raise _erofs()
-
-    def unlink(self, parent_fd: int, name: bytes) -> None:
-        raise _erofs()
-
-    def rmdir(self, parent_fd: int, name: bytes) -> None:
-        raise _erofs()
-
-    def rename(
-        self, old_parent_fd: int, old: bytes, new_parent_fd: int, new: bytes, flags: int
-    ) -> None:
-        raise _erofs()
+    def __init__(self, inner: View) -> None:
+        _check_sorted(type(inner))  # a view with an operation of its own cannot be wrapped
+        #: The view reads are delegated to (its presentation, e.g. an owner mapping, holds).
+        self.inner = inner
 
     def open(self, fd: int, flags: int, caller: Caller | None = None) -> int:
+        """Open for reading only; any write flag (also O_TRUNC, O_APPEND) is EROFS."""
         if flags & _WRITE_FLAGS:
-            raise _erofs()
-        return super().open(fd, flags, caller)
+            _refuse()
+        return self.inner.open(fd, flags, caller)
 
-    def write(self, io_fd: int, offset: int, data: bytes, *, unprivileged: bool = False) -> int:
-        raise _erofs()
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names not found on the instance or its class: the operations.
+        if name in READ_OPERATIONS:
+            return getattr(self.inner, name)
+        if name in WRITE_OPERATIONS:
+            return _refuse
+        raise AttributeError(name)
 
-    def setxattr(self, fd: int, name: bytes, value: bytes) -> None:
-        raise _erofs()
 
-    def removexattr(self, fd: int, name: bytes) -> None:
-        raise _erofs()
+#: What ``ReadOnly`` decides itself, by the arguments: ``open``.
+_BY_ARGUMENTS = public_operations(ReadOnly)
+
+# The import fails unless every operation of the interface, and of its implementation, is
+# decided exactly once, and each set names only operations that exist.
+_check_sorted(View)
+_check_sorted(Passthrough)
+if (
+    READ_OPERATIONS & WRITE_OPERATIONS
+    or _BY_ARGUMENTS & (READ_OPERATIONS | WRITE_OPERATIONS)
+    or public_operations(View) != READ_OPERATIONS | WRITE_OPERATIONS | _BY_ARGUMENTS
+):
+    raise TypeError("read-only view: an operation sorted twice, or one that does not exist")
 
 
 class OwnerMapped(Passthrough):
@@ -156,18 +176,14 @@ class OwnerMapped(Passthrough):
         return super().symlink(parent_fd, name, target, None)
 
 
-class ReadOnlyOwnerMapped(ReadOnly, OwnerMapped):
-    """Both policies: read-only wins for mutations, the mapping for presentation."""
-
-
-def make_view(*, read_only: bool, owner: tuple[int, int] | None) -> Passthrough:
+def make_view(*, read_only: bool, owner: tuple[int, int] | None) -> View:
     """The view enforcing an export's policy."""
-    if owner is not None:
-        cls = ReadOnlyOwnerMapped if read_only else OwnerMapped
-        return cls(*owner)
-    return ReadOnly() if read_only else Passthrough()
+    view: View = Passthrough() if owner is None else OwnerMapped(*owner)
+    return ReadOnly(view) if read_only else view
 
 
-def presented_owner(view: Passthrough) -> tuple[int, int] | None:
-    """The uid/gid every file is presented as, if the view maps ownership."""
+def presented_owner(view: View) -> tuple[int, int] | None:
+    """The uid/gid every file is presented as, if the view (or one it wraps) maps ownership."""
+    while isinstance(view, ReadOnly):
+        view = view.inner
     return (view.uid, view.gid) if isinstance(view, OwnerMapped) else None
