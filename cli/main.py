@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a failed operation, 2 a usage error.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -65,6 +66,60 @@ def cmd_create(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_resize(args: argparse.Namespace, out: TextIO) -> int:
+    """Grow a sized volume's cap."""
+    from volumed.sizes import format_size, parse_size
+
+    try:
+        size = parse_size(args.size)
+    except errors.InvalidArgument as exc:
+        raise UsageError(exc.message) from None
+    volume = _client().resize_volume(args.ref, size)
+    out.write(f"{printable(volume['name'] or volume['id'])} {format_size(size)}\n")
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
+    """Reclaim what boxvol created and lost track of (--dry-run: list it with sizes)."""
+    from volumed.sizes import format_size
+
+    answer = _client().collect_garbage(dry_run=args.dry_run)
+    if args.format == "json":
+        json.dump(answer, out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    findings = answer["findings"]
+    if not findings:
+        out.write("nothing to reclaim\n")
+        return EXIT_OK
+    rows = [
+        [f["kind"], printable(f["what"]), format_size(f["bytes"]), f["action"]] for f in findings
+    ]
+    print_table(rows, ["KIND", "WHAT", "SIZE", "ACTION"], out)
+    verb = "would reclaim" if answer["dry_run"] else "reclaimed"
+    out.write(
+        f"\n{verb} {format_size(answer['reclaimed_bytes'])} in {len(findings)} item(s); "
+        "orphan data is quarantined, never deleted\n"
+    )
+    return EXIT_OK
+
+
+def cmd_reserve_release(args: argparse.Namespace, out: TextIO) -> int:
+    """Unlink boxvold's reserve so rm and prune can run on a full disk."""
+    from volumed.sizes import format_size
+
+    answer = _client().release_reserve()
+    released = answer["released_bytes"]
+    if released:
+        out.write(
+            f"released {format_size(released)}; remove volumes now ('boxvol rm', 'boxvol "
+            "prune'); the reserve comes back once the host has room for it twice\n"
+        )
+    else:
+        out.write("no reserve was held (released already, or configured as 0)\n")
+    return EXIT_OK
+
+
 _FILTER_KEYS = ("kind", "label", "name", "dangling", "in_use")
 
 
@@ -117,7 +172,7 @@ def _each(refs: list[str], action: Callable[[str], Any]) -> tuple[list[Any], boo
         except errors.DaemonUnavailable:
             raise
         except errors.BoxvolError as exc:
-            sys.stderr.write(f"boxvol: error: {printable(exc.message)}\n")
+            errors.report_to_terminal(exc)
             failed = True
     return results, failed
 
@@ -177,7 +232,8 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_df(args: argparse.Namespace, out: TextIO) -> int:
-    """Show space and inodes per volume, totals and what the host has left."""
+    """Show space and inodes per volume (with caps), totals by kind, the reserve and what
+    the host has left."""
     from volumed.sizes import format_size
 
     usage = _client().disk_usage()
@@ -185,33 +241,196 @@ def cmd_df(args: argparse.Namespace, out: TextIO) -> int:
         json.dump(usage, out, indent=2)
         out.write("\n")
         return EXIT_OK
+
+    def cap(value: int | None, text: Callable[[int], str]) -> str:
+        return "-" if value is None else text(value)
+
     rows = [
         [
             v["name"] or v["id"],
             v["kind"],
             "yes" if v["in_use"] else "no",
             format_size(v["bytes"]),
+            cap(v["cap_bytes"], format_size),
             str(v["inodes"]),
+            cap(v["cap_inodes"], str),
         ]
         for v in usage["volumes"]
     ]
-    totals, host = usage["totals"], usage["host"]
-    rows.append(
-        [
-            "TOTAL",
-            f"{totals['volumes']} volumes",
-            "",
-            format_size(totals["bytes"]),
-            str(totals["inodes"]),
-        ]
+    for label, totals in (
+        *((f"TOTAL {kind}", usage["by_kind"][kind]) for kind in ("named", "anonymous")),
+        ("TOTAL", usage["totals"]),
+    ):
+        rows.append(
+            [
+                label,
+                f"{totals['volumes']} volumes",
+                "",
+                format_size(totals["bytes"]),
+                "",
+                str(totals["inodes"]),
+                "",
+            ]
+        )
+    print_table(rows, ["VOLUME", "KIND", "IN USE", "SIZE", "CAP", "INODES", "INODE CAP"], out)
+    host, reserve = usage["host"], usage["reserve"]
+    held = (
+        f"{format_size(reserve['present_bytes'])} of {format_size(reserve['target_bytes'])}"
+        if reserve["present_bytes"] < reserve["target_bytes"]
+        else format_size(reserve["target_bytes"])
     )
-    print_table(rows, ["VOLUME", "KIND", "IN USE", "SIZE", "INODES"], out)
     out.write(
         f"\nHost: {format_size(host['free_bytes'])} free of {format_size(host['total_bytes'])}, "
         f"{host['free_inodes']} inodes free of {host['total_inodes']}\n"
+        f"Reserve: {held} held (boxvol reserve-release frees it on a full disk)\n"
         f"Measured at {_short_time(usage['measured_at'])} UTC (reused for up to 2 s)\n"
     )
     return EXIT_OK
+
+
+def cmd_archive(args: argparse.Namespace, out: TextIO) -> int:
+    """Write a volume's content as a tar archive to FILE (-o) or stdout."""
+    client = _client()
+    if args.output == "-":
+        if sys.stdout.isatty():
+            raise UsageError(
+                "refusing to write an archive to a terminal; give -o FILE or redirect stdout"
+            )
+        out.flush()
+        dst, partial = sys.stdout.fileno(), None
+    else:
+        # Written beside FILE, renamed over it once complete: a failure leaves FILE as it was.
+        # 0600: an archive holds all of a volume's data, whoever may read the directory.
+        partial = f"{args.output}.partial-{os.getpid()}"
+        try:
+            dst = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
+    try:
+        report = _archive_into(client, args.ref, dst)
+    except BaseException:
+        # The copy may still be writing (it ends with the pipe): dst stays open till exit.
+        if partial is not None:
+            with _quietly():
+                os.unlink(partial)
+        raise
+    if partial is not None:
+        os.close(dst)
+        os.replace(partial, args.output)
+    sys.stderr.write(f"archived {printable(args.ref)}: {_report_text(report)}\n")
+    _warn_about(report)
+    return EXIT_OK
+
+
+def _archive_into(client: Client, ref: str, dst: int) -> dict[str, Any]:
+    """Have boxvold archive ``ref`` into a pipe while a thread copies it to ``dst``."""
+    from cli.transfer import Copy
+
+    show = sys.stderr if sys.stderr.isatty() else None
+    total = _volume_bytes(client, ref) if show is not None else None
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    copy = Copy(read_end, dst, pipe_end=read_end, total=total, progress=show)
+    copy.start()
+    try:
+        report = client.archive_volume(ref, write_end)
+    finally:
+        os.close(write_end)
+    copy.join()
+    if copy.error is not None:
+        raise errors.BoxvolError(
+            f"writing the archive failed: {copy.error.strerror}; nothing was written"
+        )
+    return report
+
+
+def cmd_restore(args: argparse.Namespace, out: TextIO) -> int:
+    """Replace a volume's content with a tar archive read from FILE or stdin ('-')."""
+    from cli.transfer import Copy
+
+    client = _client()
+    if args.file == "-":
+        if sys.stdin.isatty():
+            raise UsageError("refusing to read an archive from a terminal; give FILE or a pipe")
+        src = sys.stdin.fileno()
+    else:
+        try:
+            src = os.open(args.file, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
+    st = os.fstat(src)
+    total = st.st_size if (st.st_mode & 0o170000) == 0o100000 else None  # a regular file
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    show = sys.stderr if sys.stderr.isatty() else None
+    copy = Copy(src, write_end, pipe_end=write_end, total=total, progress=show)
+    copy.start()
+    try:
+        report = client.restore_volume(args.ref, read_end, force=args.force)
+    finally:
+        # Also on failure: the copy then stops at a broken pipe (src stays open till exit).
+        os.close(read_end)
+    copy.join()
+    if src != sys.stdin.fileno():
+        os.close(src)
+    created = " (created)" if report["created"] else ""
+    out.write(f"restored {printable(args.ref)}{created}: {_report_text(report)}\n")
+    _warn_about(report)
+    return EXIT_OK
+
+
+def _volume_bytes(client: Client, ref: str) -> int | None:
+    """The volume's usage, the progress bar's estimate of an archive's size."""
+    volume = client.get_volume(ref)
+    usage = volume.get("usage")
+    if isinstance(usage, dict) and isinstance(usage.get("bytes"), int):
+        return int(usage["bytes"])
+    for row in client.disk_usage()["volumes"]:
+        if row["id"] == volume["id"]:
+            return int(row["bytes"])
+    return None
+
+
+def _report_text(report: dict[str, Any]) -> str:
+    from volumed.sizes import format_size
+
+    return f"{report['entries']} entries, {format_size(report['bytes'])} of file content"
+
+
+def _warn_about(report: dict[str, Any]) -> None:
+    """One line for what was left out and one for what was made harmless, if anything."""
+    for key, what in (("skipped", "left out"), ("neutralised", "made harmless")):
+        counts = report[key]
+        if counts:
+            kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items()))
+            sys.stderr.write(
+                f"boxvol: warning: {sum(counts.values())} entries {what}: {kinds} "
+                "(see docs/archives.md)\n"
+            )
+
+
+class _quietly:
+    """Suppress OSError (contextlib costs the CLI's start-up an import)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, value: object, traceback: object) -> bool:
+        return isinstance(value, OSError)
+
+
+def _add_archive_parsers(sub: Any) -> None:
+    p = sub.add_parser("archive", help="write a volume's content as a tar archive")
+    p.add_argument("ref", metavar="REF", help="volume name or id")
+    p.add_argument(
+        "-o", "--output", metavar="FILE", default="-", help="where to write it (- : stdout)"
+    )
+    p.set_defaults(func=cmd_archive)
+    p = sub.add_parser("restore", help="replace a volume's content with a tar archive")
+    p.add_argument("ref", metavar="REF", help="volume name or id (a missing name is created)")
+    p.add_argument("file", metavar="FILE", help="the archive (- : stdin)")
+    p.add_argument(
+        "-f", "--force", action="store_true", help="replace the content of a non-empty volume"
+    )
+    p.set_defaults(func=cmd_restore)
 
 
 def _owner(text: str) -> tuple[int, int]:
@@ -355,8 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("create", help="create a volume (anonymous without NAME)")
     p.add_argument("name", nargs="?", metavar="NAME")
     p.add_argument("--label", action="append", default=[], metavar="K=V")
-    p.add_argument("--size", metavar="SIZE", help="hard size cap, e.g. 10G")
-    p.add_argument("--inodes", metavar="N", help="inode cap")
+    p.add_argument(
+        "--size", metavar="SIZE", help="hard size cap, e.g. 10G (the volume gets its own image)"
+    )
+    p.add_argument("--inodes", metavar="N", help="inodes of the volume's image (with --size)")
     p.add_argument("--consumer", help="who an anonymous volume belongs to")
     p.set_defaults(func=cmd_create)
 
@@ -386,9 +607,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=cmd_prune)
 
+    p = sub.add_parser("resize", help="grow a sized volume (not while exported)")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--size", metavar="SIZE", required=True, help="the new cap, e.g. 20G")
+    p.set_defaults(func=cmd_resize)
+
+    p = sub.add_parser("gc", help="reclaim what boxvol created and lost track of")
+    p.add_argument("--dry-run", action="store_true", help="only list it, with sizes")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser(
+        "reserve-release", help="free boxvold's reserve so rm/prune can run on a full disk"
+    )
+    p.set_defaults(func=cmd_reserve_release)
+
     p = sub.add_parser("df", help="space used by volumes")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_df)
+
+    _add_archive_parsers(sub)
 
     p = sub.add_parser("export", help="export volumes as FUSE views")
     export_sub = p.add_subparsers(dest="export_command", metavar="COMMAND", parser_class=_Parser)
@@ -450,6 +688,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return errors.report_to_terminal(exc)
     except BrokenPipeError:
         return EXIT_FAILED
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        return errors.report_to_terminal(errors.DiskFull(str(exc)))
     return code
 
 

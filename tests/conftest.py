@@ -12,11 +12,20 @@ import pytest
 
 from volumed.fs.fuse_mount import detach_all_under
 
+#: The reserve each test's boxvold keeps (64M each would pile up in pytest's kept tmp dirs);
+#: tests of the reserve itself give their own.
+TEST_RESERVE_SIZE = "1M"
+os.environ["BOXVOL_RESERVE_SIZE"] = TEST_RESERVE_SIZE
+
 
 @pytest.fixture
-def home(tmp_path: Path) -> Path:
+def home(tmp_path: Path) -> Iterator[Path]:
     """A fresh boxvol home (not yet created: the code under test makes it)."""
-    return tmp_path / "home"
+    path = tmp_path / "home"
+    yield path
+    # A sized volume's image stays mounted only if its boxvold (or store) leaked it.
+    left = detach_all_under(str(path))
+    assert left == [], f"mounts left behind under the home: {left}"
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ class Daemon:
         """Environment in which the ``boxvol`` CLI talks to this daemon."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("BOXVOL_")}
         env["BOXVOL_SOCKET"] = str(self.socket)
+        env["BOXVOL_RESERVE_SIZE"] = os.environ.get("BOXVOL_RESERVE_SIZE", "1M")
         return env
 
     def start(self, *extra: str) -> None:
@@ -111,3 +112,98 @@ def ok(daemon: Daemon, *args: str) -> str:
     result = boxvol(daemon, *args)
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+# -- trees for archive round trips ---------------------------------------------------------
+
+#: Where ``make_odd_tree`` puts its sparse file (16 MiB, two 4-byte runs of data).
+SPARSE_FILE = "sparse.img"
+
+
+def make_odd_tree(root: Path) -> None:
+    """A tree that exercises an archive: hard links, symbolic links (relative, absolute,
+    pointing out, dangling), user xattrs with binary values, a sparse file, names with
+    non-UTF-8 bytes, newlines, spaces and 255 bytes, odd modes, owners and mtimes."""
+    base = os.fsencode(root)
+
+    def at(*parts: bytes) -> bytes:
+        return os.path.join(base, *parts)
+
+    os.makedirs(at(b"dir with spaces", b"a", b"b"))
+    for name, content in {
+        b"dir with spaces/new\nline": b"newline\n",
+        b"caf\xe9 latin-1": b"a name that is not UTF-8",
+        b"n" * 255: b"a 255-byte name",
+        b"empty": b"",
+        b"\xff\xfe binary": bytes(range(256)) * 300,
+        b"dir with spaces/a/b/deep": b"deep",
+    }.items():
+        with open(at(name), "wb") as f:
+            f.write(content)
+    os.link(at(b"caf\xe9 latin-1"), at(b"dir with spaces", b"hard link"))
+    os.link(at(b"caf\xe9 latin-1"), at(b"dir with spaces", b"a", b"hard link 2"))
+    os.symlink(b"caf\xe9 latin-1", at(b"rel link"))
+    os.symlink(b"/etc/passwd", at(b"abs link"))
+    os.symlink(b"../../outside", at(b"dir with spaces", b"up link"))
+    os.symlink(b"nowhere", at(b"dangling"))
+    os.setxattr(at(b"empty"), "user.binary", b"\x00\xff value\n")
+    os.setxattr(at(b"dir with spaces"), "user.dir", b"d")
+    fd = os.open(at(os.fsencode(SPARSE_FILE)), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"head", 0)
+        os.pwrite(fd, b"tail", (5 << 20) + 123)
+        os.ftruncate(fd, 16 << 20)
+    finally:
+        os.close(fd)
+    os.mkdir(at(b"sticky"))
+    os.chmod(at(b"sticky"), 0o1777)
+    os.mkdir(at(b"setgid dir"))
+    os.chmod(at(b"setgid dir"), 0o2750)
+    os.chmod(at(b"empty"), 0o640)
+    os.chown(at(b"empty"), 1234, 5678)
+    os.lchown(at(b"rel link"), 42, 43)
+    os.utime(at(b"empty"), ns=(1, 1_234_567_891))
+    os.utime(at(b"dir with spaces", b"a", b"b"), ns=(2, 987_654_321_123_456_789))
+
+
+def tree_snapshot(root: Path) -> dict[bytes, object]:
+    """Everything an archive round trip must keep, by path below ``root`` (bytes): type,
+    mode, owner, mtime, content or link target, user xattrs; and under ``b"<hard links>"``
+    the groups of paths that share an inode."""
+    import hashlib
+    import stat
+
+    base = os.fsencode(root)
+    snapshot: dict[bytes, object] = {}
+    inodes: dict[int, list[bytes]] = {}
+    for directory, dirs, files in os.walk(base):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            relative = os.path.relpath(path, base)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                body: object = os.readlink(path)
+                xattrs: dict[str, bytes] = {}
+            else:
+                xattrs = {
+                    key: os.getxattr(path, key)
+                    for key in sorted(os.listxattr(path))
+                    if key.startswith("user.")
+                }
+                if stat.S_ISREG(st.st_mode):
+                    with open(path, "rb") as f:
+                        body = (st.st_size, hashlib.sha256(f.read()).hexdigest())
+                    inodes.setdefault(st.st_ino, []).append(relative)
+                else:
+                    body = None
+            snapshot[relative] = (
+                stat.S_IFMT(st.st_mode),
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                st.st_mtime_ns,
+                body,
+                xattrs,
+            )
+    snapshot[b"<hard links>"] = sorted(sorted(g) for g in inodes.values() if len(g) > 1)
+    return snapshot

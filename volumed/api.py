@@ -11,6 +11,8 @@ import dataclasses
 import functools
 import json
 import logging
+import os
+import re
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -21,13 +23,17 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from volumed import API_VERSION, __version__, errors
+from volumed.archive_jobs import ArchiveJobs
 from volumed.export_manager import ExportManager
 from volumed.exports import ExportPolicy, VirtiofsTarget
-from volumed.http_server import ServerLimits, server_bounds_text
-from volumed.model import ListFilter, Volume
+from volumed.gc import reclaimed_bytes
+from volumed.http_server import PASSED_FD, PassedFd, ServerLimits, server_bounds_text
+from volumed.model import KINDS, ListFilter, Volume
 from volumed.names import MAX_LABEL_FILTERS, parse_label
 from volumed.schemas import (
     HOST_PATH_FIELDS,
+    ArchiveReport,
+    CollectGarbage,
     CreateExport,
     CreateVolume,
     DiskUsage,
@@ -35,6 +41,7 @@ from volumed.schemas import (
     ExportIdText,
     ExportList,
     ExportOut,
+    GcAnswer,
     Health,
     LabelFilterText,
     NameFilterText,
@@ -43,12 +50,16 @@ from volumed.schemas import (
     QueryBool,
     ReferenceText,
     RemoveAnswer,
+    ReserveReleased,
+    ResizeVolume,
+    RestoreReport,
+    RestoreVolume,
     Version,
     VirtiofsConsumer,
     VolumeList,
     VolumeOut,
 )
-from volumed.store import ReconcileAction, VolumeState, VolumeStore, utc_now
+from volumed.store import ReconcileAction, Usage, VolumeState, VolumeStore, utc_now
 from volumed.text import printable, printable_repr
 
 log = logging.getLogger(__name__)
@@ -70,6 +81,8 @@ class Service:
     reader: trio.CapacityLimiter
     reconciled: list[ReconcileAction]
     exports: ExportManager
+    #: Archives and restores: each runs in a worker process with the client's pipe.
+    archives: ArchiveJobs
     #: The last df, shared by the requests that come while it is fresh or being measured.
     usage: UsageCache
 
@@ -84,6 +97,7 @@ class Service:
         self.reader = trio.CapacityLimiter(4)
         self.reconciled = reconciled
         self.exports = exports(self.writer)
+        self.archives = ArchiveJobs(store, self.exports, self.writer)
         self.usage = UsageCache(functools.partial(_disk_usage, store))
 
     async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -154,8 +168,37 @@ def volume_json(state: VolumeState) -> dict[str, Any]:
         "size_bytes": volume.size_bytes,
         "inode_limit": volume.inode_limit,
         "consumer": volume.consumer,
+        "backing": volume.backing,
         "in_use": state.in_use,
         "exports": state.exports,
+    }
+
+
+def usage_json(store: VolumeStore, volume: Volume, usage: Usage) -> dict[str, Any]:
+    """A volume's measured usage (matches ``UsageOut``)."""
+    image = usage.image
+    return {
+        "bytes": usage.bytes,
+        "inodes": usage.inodes,
+        "image": None
+        if image is None
+        else {
+            "file": os.path.relpath(store.images.path(volume), store.layout.home),
+            "size_bytes": image.size_bytes,
+            "used_bytes": image.used_bytes,
+            "total_inodes": image.total_inodes,
+            "used_inodes": image.used_inodes,
+            "allocated_bytes": image.allocated_bytes,
+        },
+    }
+
+
+def _inspected(store: VolumeStore, ref: str) -> dict[str, Any]:
+    """Blocking: one volume with its usage measured."""
+    state = store.state(ref)
+    return {
+        **volume_json(state),
+        "usage": usage_json(store, state.volume, store.usage(state.volume)),
     }
 
 
@@ -367,9 +410,16 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/volumes/{ref:path}", response_model=VolumeOut)
     async def get_volume(request: Request, ref: ReferenceText) -> Response:
-        """One volume by name, id or unique id prefix."""
+        """One volume by name, id or unique id prefix, with what it takes now."""
         check_query(request, ())
-        return json_response(volume_json(await service.read(store.state, ref)))
+        return json_response(await service.read(_inspected, store, ref))
+
+    @app.post("/v1/volumes/{ref}/resize", response_model=VolumeOut)
+    async def resize_volume(request: Request, ref: ReferenceText, body: ResizeVolume) -> Response:
+        """Grow a sized volume's cap (never shrink; refused while it is exported)."""
+        check_query(request, ())
+        state = await service.write(store.resize, ref, body.size_bytes)
+        return json_response(volume_json(state))
 
     @app.delete("/v1/volumes/{ref:path}", response_model=RemoveAnswer)
     async def remove_volume(
@@ -425,7 +475,35 @@ def create_app(service: Service) -> FastAPI:
     async def disk_usage(request: Request) -> Response:
         """Bytes and inodes per volume, totals, and room left on the host."""
         check_query(request, ())
-        return json_response(await service.usage.get())
+        volumes = await service.usage.get()
+        # The reserve and host space are two stats: always fresh, unlike the walk.
+        return json_response({**volumes, **await service.read(_space, store)})
+
+    @app.post("/v1/system/gc", response_model=GcAnswer)
+    async def collect_garbage(request: Request, body: CollectGarbage | None = None) -> Response:
+        """Find what boxvol created and lost track of and reclaim it (``dry_run``: only
+        list it). Orphan data is quarantined, never deleted; nothing live is touched."""
+        check_query(request, ())
+        dry_run = (body or CollectGarbage()).dry_run
+        findings = await service.exports.collect_garbage(dry_run=dry_run)
+        return json_response(
+            {
+                "dry_run": dry_run,
+                "findings": [f.to_json() for f in findings],
+                "reclaimed_bytes": reclaimed_bytes(findings),
+            }
+        )
+
+    @app.post("/v1/system/reserve-release", response_model=ReserveReleased)
+    async def reserve_release(request: Request) -> Response:
+        """Unlink boxvold's reserve so removals can run on a full disk; it comes back once
+        the host has twice its size free (after a removal, or at the next start)."""
+        check_query(request, ())
+        released = await service.write(store.reserve.release)
+        state = await service.read(store.reserve.state)
+        return json_response({"released_bytes": released, "reserve": dataclasses.asdict(state)})
+
+    _add_archive_routes(app, service)
 
     @app.get("/v1/health", response_model=Health)
     async def health(request: Request) -> Response:
@@ -449,6 +527,54 @@ def create_app(service: Service) -> FastAPI:
         return json_response({"version": __version__, "api_version": API_VERSION})
 
     return app
+
+
+#: The routes a request may pass a file descriptor to (``takes_passed_fd``).
+_FD_ROUTE = re.compile(r"/v1/volumes/[^/]+/(archive|restore)")
+
+
+def takes_passed_fd(method: str, path: str) -> bool:
+    """Whether a request may carry a file descriptor (SCM_RIGHTS on the API socket): only
+    archive and restore, whose data flows through it, never through boxvold."""
+    return method == "POST" and _FD_ROUTE.fullmatch(path) is not None
+
+
+def _take_passed_fd(request: Request, what: str) -> int:
+    """The fd passed with ``request``, now the caller's to close; MalformedRequest if none."""
+    passed = request.scope.get("extensions", {}).get(PASSED_FD)
+    if not isinstance(passed, PassedFd):
+        raise errors.MalformedRequest(
+            f"{what} needs a pipe passed with the request (one file descriptor sent with "
+            "SCM_RIGHTS on the API socket, as 'boxvol archive' and 'boxvol restore' do); "
+            "none came"
+        )
+    return passed.take()
+
+
+def _add_archive_routes(app: FastAPI, service: Service) -> None:
+    """Archive and restore (docs/archives.md): the data moves through the pipe passed with
+    the request, between the client and a worker process; boxvold only waits."""
+
+    @app.post("/v1/volumes/{ref}/archive", response_model=ArchiveReport)
+    async def archive_volume(request: Request, ref: ReferenceText) -> Response:
+        """Write the volume's content as a PAX tar stream to the pipe passed with the
+        request (SCM_RIGHTS); answered once the archive is complete."""
+        check_query(request, ())
+        fd = _take_passed_fd(request, "an archive")
+        return json_response(await service.archives.archive(ref, fd))
+
+    @app.post("/v1/volumes/{ref}/restore", response_model=RestoreReport)
+    async def restore_volume(
+        request: Request, ref: ReferenceText, body: RestoreVolume | None = None
+    ) -> Response:
+        """Replace the volume's content with the tar stream read from the pipe passed with
+        the request (SCM_RIGHTS), all or nothing. A missing named volume is created (and
+        removed again if the restore fails); a non-empty one needs ``force``; one with live
+        exports is refused."""
+        check_query(request, ())
+        body = body or RestoreVolume()
+        fd = _take_passed_fd(request, "a restore")
+        return json_response(await service.archives.restore(ref, fd, force=body.force))
 
 
 def _export_target(body: CreateExport) -> tuple[VirtiofsTarget | None, str | None]:
@@ -486,25 +612,41 @@ def _disk_usage(store: VolumeStore) -> dict[str, Any]:
     """Blocking: walks every volume."""
     rows = []
     for state in store.list_volumes():
-        usage = store.usage(state.volume)
+        volume = state.volume
+        usage = store.usage(volume)
+        image = usage.image
         rows.append(
             {
-                "id": state.volume.id,
-                "name": state.volume.name,
-                "kind": state.volume.kind,
+                "id": volume.id,
+                "name": volume.name,
+                "kind": volume.kind,
                 "bytes": usage.bytes,
                 "inodes": usage.inodes,
                 "in_use": state.in_use,
+                "backing": volume.backing,
+                "cap_bytes": volume.size_bytes if volume.backing == "image" else None,
+                "cap_inodes": image.total_inodes if image is not None else None,
+                "allocated_bytes": image.allocated_bytes if image is not None else usage.bytes,
             }
         )
     return {
         "volumes": rows,
-        "totals": {
-            "volumes": len(rows),
-            "bytes": sum(row["bytes"] for row in rows),
-            "inodes": sum(row["inodes"] for row in rows),
-        },
-        "host": store.host_space(),
+        "totals": _totals(rows),
+        "by_kind": {kind: _totals([r for r in rows if r["kind"] == kind]) for kind in KINDS},
+        **_space(store),
+    }
+
+
+def _space(store: VolumeStore) -> dict[str, Any]:
+    """Blocking: the reserve and the room left on the home's filesystem."""
+    return {"reserve": dataclasses.asdict(store.reserve.state()), "host": store.host_space()}
+
+
+def _totals(rows: list[dict[str, Any]]) -> dict[str, int]:
+    return {
+        "volumes": len(rows),
+        "bytes": sum(row["bytes"] for row in rows),
+        "inodes": sum(row["inodes"] for row in rows),
     }
 
 

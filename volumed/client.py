@@ -88,8 +88,12 @@ class Client:
         self.socket_path = socket_path
         self.timeout = timeout
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        """Send one request and return the decoded JSON answer; raises on an error status."""
+    def request(self, method: str, path: str, body: Any = None, *, fd: int | None = None) -> Any:
+        """Send one request and return the decoded JSON answer; raises on an error status.
+
+        ``fd`` is passed along with the request (SCM_RIGHTS; archive and restore take a pipe
+        end): the caller keeps its own copy. Such a request waits for its answer as long as
+        the work takes (the timeout then bounds only connecting)."""
         payload = b"" if body is None else json.dumps(body).encode()
         head = (
             f"{method} {path} HTTP/1.1\r\nHost: boxvold\r\nConnection: close\r\n"
@@ -97,7 +101,7 @@ class Client:
         )
         if body is not None:
             head += "Content-Type: application/json\r\n"
-        raw = self._exchange(head.encode() + b"\r\n" + payload)
+        raw = self._exchange(head.encode() + b"\r\n" + payload, fd)
         status, data = parse_response(raw)
         try:
             decoded = json.loads(data) if data else None
@@ -110,7 +114,7 @@ class Client:
             raise from_code(str(error.get("code")), str(error.get("message")))
         return decoded
 
-    def _exchange(self, request: bytes) -> bytes:
+    def _exchange(self, request: bytes, fd: int | None = None) -> bytes:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -127,7 +131,11 @@ class Client:
                     f"permission denied on {self.socket_path}; run as root or as a member of "
                     "the socket's group"
                 ) from None
-            sock.sendall(request)
+            if fd is None:
+                sock.sendall(request)
+            else:
+                _send_with_fd(sock, request, fd)
+                sock.settimeout(None)
             chunks = []
             received = 0
             while True:
@@ -212,6 +220,39 @@ class Client:
         result: dict[str, Any] = self.request("DELETE", f"/v1/volumes/{quote(ref)}{query}")
         return result
 
+    def resize_volume(self, ref: str, size_bytes: int) -> dict[str, Any]:
+        """Grow a sized volume's cap."""
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/volumes/{quote(ref)}/resize", {"size_bytes": size_bytes}
+        )
+        return result
+
+    def collect_garbage(self, *, dry_run: bool = False) -> dict[str, Any]:
+        """Reclaim (or with ``dry_run`` list) what boxvol lost track of."""
+        result: dict[str, Any] = self.request("POST", "/v1/system/gc", {"dry_run": dry_run})
+        return result
+
+    def release_reserve(self) -> dict[str, Any]:
+        """Unlink boxvold's reserve (recovering a full disk)."""
+        result: dict[str, Any] = self.request("POST", "/v1/system/reserve-release")
+        return result
+
+    def archive_volume(self, ref: str, data_fd: int) -> dict[str, Any]:
+        """Have boxvold write the volume as a tar stream into the pipe end ``data_fd`` (read
+        the other end meanwhile, from another thread); its report once complete."""
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/volumes/{quote(ref)}/archive", fd=data_fd
+        )
+        return result
+
+    def restore_volume(self, ref: str, data_fd: int, *, force: bool = False) -> dict[str, Any]:
+        """Have boxvold replace the volume's content with the tar stream read from the pipe
+        end ``data_fd`` (feed the other end meanwhile); its report once complete."""
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/volumes/{quote(ref)}/restore", {"force": force}, fd=data_fd
+        )
+        return result
+
     def prune(self, *, all_volumes: bool = False) -> dict[str, Any]:
         """Remove unused anonymous (or, with ``all_volumes``, all unused) volumes."""
         result: dict[str, Any] = self.request("POST", "/v1/volumes/prune", {"all": all_volumes})
@@ -274,6 +315,15 @@ class Client:
         """Daemon and API versions."""
         result: dict[str, Any] = self.request("GET", "/v1/version")
         return result
+
+
+def _send_with_fd(sock: _socket.socket, data: bytes, fd: int) -> None:
+    """Send ``data`` with ``fd`` attached to its first byte (SCM_RIGHTS)."""
+    import sys
+
+    rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder, signed=True))]
+    sent = sock.sendmsg([data], rights)
+    sock.sendall(data[sent:])
 
 
 def ensure_spec_volumes(

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import grp
 import logging
 import os
@@ -23,10 +24,11 @@ from collections.abc import Iterator, Sequence
 import trio
 
 from volumed import __version__, errors, locations
-from volumed.api import Service, create_app
+from volumed.api import Service, create_app, takes_passed_fd
 from volumed.daemon_options import add_daemon_options, default_vhost_group, resolve_dirs
 from volumed.export_manager import ExportManager
 from volumed.http_server import HttpServer, ServerLimits
+from volumed.reserve import DEFAULT_RESERVE_BYTES
 from volumed.store import VolumeStore
 from volumed.unix_sockets import bind_private, check_socket_path
 
@@ -48,6 +50,8 @@ class DaemonConfig:
     vhost_group: str | None = None
     #: Bounds of the API server (connections, deadlines, body size).
     limits: ServerLimits = dataclasses.field(default_factory=ServerLimits)
+    #: Bytes kept preallocated in the home for recovering a full disk (volumed.reserve).
+    reserve_bytes: int = DEFAULT_RESERVE_BYTES
 
     @property
     def socket_path(self) -> str:
@@ -135,9 +139,12 @@ async def serve_boxvold(
         os.makedirs(config.home, mode=0o700, exist_ok=True)
         os.makedirs(config.runtime_dir, mode=RUNTIME_DIR_MODE, exist_ok=True)
         stack.enter_context(hold_home_lock(config.home))
-        store = await trio.to_thread.run_sync(VolumeStore.open, config.home)
+        store = await trio.to_thread.run_sync(
+            functools.partial(VolumeStore.open, config.home, reserve_bytes=config.reserve_bytes)
+        )
         stack.callback(store.close)
         reconciled = await trio.to_thread.run_sync(store.reconcile)
+        await trio.to_thread.run_sync(store.reserve.restore)
 
         vhost_gid = _group_id(config.vhost_group)
         service = Service(
@@ -150,7 +157,12 @@ async def serve_boxvold(
         stack.callback(_unlink_quietly, config.socket_path)
         stack.callback(listener.close)
 
-        server = HttpServer(create_app(service), fit_limits(config.limits), unqueued=UNQUEUED_PATHS)
+        server = HttpServer(
+            create_app(service),
+            fit_limits(config.limits),
+            unqueued=UNQUEUED_PATHS,
+            takes_fd=takes_passed_fd,
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(service.exports.serve)
             await nursery.start(server.serve, listener)
@@ -245,6 +257,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         runtime_dir=runtime_dir,
         socket_group=args.socket_group,
         vhost_group=args.vhost_group or default_vhost_group(),
+        reserve_bytes=args.reserve_size,
     )
 
 

@@ -32,6 +32,23 @@ def add_daemon_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default=os.environ.get("BOXVOL_LOG_LEVEL", "INFO"), choices=LOG_LEVELS
     )
+    parser.add_argument(
+        "--reserve-size",
+        type=_reserve_size,
+        default=os.environ.get("BOXVOL_RESERVE_SIZE", "64M"),
+        help="space kept preallocated in the home and released on a full disk with "
+        "'boxvol reserve-release' (default 64M, or BOXVOL_RESERVE_SIZE; 0: none)",
+    )
+
+
+def _reserve_size(text: str) -> int:
+    from volumed.errors import InvalidArgument
+    from volumed.sizes import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def resolve_dirs(args: argparse.Namespace) -> tuple[str, str]:

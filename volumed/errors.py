@@ -52,6 +52,12 @@ class RequestTimeout(InvalidArgument):
     code = "request_timeout"
 
 
+class BadArchive(BoxvolError):
+    """A restore's input is not a complete tar archive; nothing was restored."""
+
+    code = "bad_archive"
+
+
 class NotFound(BoxvolError):
     """No volume (or export) answers to the reference."""
 
@@ -107,6 +113,20 @@ class StorageError(BoxvolError):
     code = "storage_error"
 
 
+class DiskFull(StorageError):
+    """The filesystem holding the boxvol home is full; ``boxvol reserve-release`` frees
+    boxvold's reserve so that removals can run."""
+
+    code = "disk_full"
+
+
+class ImageUnavailable(StorageError):
+    """A sized volume's image is not mounted (missing, damaged, or not yet re-mounted):
+    nothing is served from the empty directory under it."""
+
+    code = "image_unavailable"
+
+
 class AlreadyServing(BoxvolError):
     """Another boxvold already serves this home or socket."""
 
@@ -141,6 +161,7 @@ BY_CODE: dict[str, type[BoxvolError]] = {
         MalformedRequest,
         PayloadTooLarge,
         RequestTimeout,
+        BadArchive,
         NotFound,
         MethodNotAllowed,
         Conflict,
@@ -150,6 +171,8 @@ BY_CODE: dict[str, type[BoxvolError]] = {
         OutsideManagedRoots,
         ForeignMount,
         StorageError,
+        DiskFull,
+        ImageUnavailable,
         AlreadyServing,
         Busy,
         DaemonUnavailable,
@@ -163,12 +186,15 @@ HTTP_STATUS: tuple[tuple[type[BoxvolError], int], ...] = (
     (PayloadTooLarge, 413),
     (RequestTimeout, 408),
     (InvalidArgument, 422),
+    # The caller's data, not a usage error: the CLI exits 1, the API answers 422.
+    (BadArchive, 422),
     (MethodNotAllowed, 405),
     (NotFound, 404),
     (Conflict, 409),
     (OutsideManagedRoots, 500),
     # A state of the host the operator must fix (unmount it), not a fault of boxvold.
     (ForeignMount, 409),
+    (DiskFull, 507),
     (StorageError, 500),
     (Busy, 503),
     (BoxvolError, 500),
@@ -206,7 +232,23 @@ def report_to_terminal(error: BoxvolError) -> int:
 
     # A message can quote what a request held (a name, a label): never raw to a terminal.
     sys.stderr.write(f"boxvol: error: {printable(error.message)}\n")
+    if is_disk_full(error):
+        sys.stderr.write(f"boxvol: hint: {DISK_FULL_HINT}\n")
     return EXIT_USAGE if isinstance(error, InvalidArgument) else EXIT_FAILED
+
+
+#: The one line every "no space left" a person meets ends with.
+DISK_FULL_HINT = (
+    "the disk is full; 'boxvol reserve-release' frees boxvold's reserve so that "
+    "'boxvol rm' and 'boxvol prune' can run, and it comes back once there is room"
+)
+
+
+def is_disk_full(error: BoxvolError) -> bool:
+    """True for DiskFull and for any error whose cause was ENOSPC ("No space left")."""
+    return isinstance(error, DiskFull) or any(
+        phrase in error.message for phrase in ("No space left", "disk is full")
+    )
 
 
 def from_code(code: str, message: str) -> BoxvolError:

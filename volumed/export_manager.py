@@ -14,6 +14,7 @@ would lose the export for good over a state the operator fixes with one ``umount
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import functools
@@ -26,7 +27,7 @@ import trio
 from ulid import ULID
 
 from volumed.errors import BoxvolError, Conflict, ForeignMount, NotFound
-from volumed.export_server import FuseServerSupervisor, stop_orphans
+from volumed.export_server import FuseServerSupervisor, kill_and_wait, stop_orphans
 from volumed.exports import (
     Export,
     ExportPolicy,
@@ -37,6 +38,7 @@ from volumed.exports import (
 )
 from volumed.fs.fuse_mount import detach, mounts_under
 from volumed.gate import open_volume_directory, volume_directory
+from volumed.gc import Finding, FindingKind, is_ours, virtiofsd_source
 from volumed.model import Volume
 from volumed.store import VolumeStore, utc_now
 from volumed.vhost import VhostSupervisor
@@ -337,6 +339,87 @@ class ExportManager:
             and (vm is None or (live.export.virtiofs is not None and live.export.virtiofs.vm == vm))
         ]
 
+    async def collect_garbage(self, *, dry_run: bool) -> builtins.list[Finding]:
+        """Find (and unless ``dry_run`` reclaim) what boxvol created and lost track of: the
+        home's leftovers (``VolumeStore.collect_garbage``) and the runtime's (sockets,
+        pidfiles and logs of exports that are gone, export servers and virtiofsd processes
+        nobody supervises, mounts no export owns). Live exports are never touched."""
+        async with self.lock:
+            findings = await self._thread(
+                functools.partial(self.store.collect_garbage, dry_run=dry_run)
+            )
+            return findings + await self._thread(self._runtime_garbage, dry_run)
+
+    def _runtime_garbage(self, dry_run: bool) -> builtins.list[Finding]:
+        """Blocking: the runtime side of ``collect_garbage``."""
+        known = {*self._live, *self._unserved}
+        live_pids = {
+            pid
+            for live in self._live.values()
+            for pid in (
+                live.supervisor.pid if live.supervisor else None,
+                live.server.pid if live.server else None,
+            )
+            if pid
+        }
+        findings: builtins.list[Finding] = []
+        for pid, source in _boxvol_virtiofsd(self._virtiofsd_roots()):
+            if pid in live_pids:
+                continue
+            findings.append(Finding("stray-virtiofsd", str(pid), 0, "stop", f"serving {source}"))
+            if not dry_run:
+                kill_and_wait(pid)
+        stray_servers = [
+            name[: -len(".pid")]
+            for name in _listdir(self.servers_dir)
+            if name.endswith(".pid") and name[: -len(".pid")] not in known
+        ]
+        if stray_servers:
+            for export_id in stray_servers:
+                findings.append(Finding("stray-server", export_id, 0, "stop"))
+            if not dry_run:
+                stop_orphans(self.servers_dir, keep=known)
+        for directory in (self.vhost_dir, self.servers_dir):
+            for name in _listdir(directory):
+                if name.split(".", 1)[0] in known or (
+                    directory == self.servers_dir and name.endswith(".pid")  # stray-server
+                ):
+                    continue
+                path = os.path.join(directory, name)
+                kind: FindingKind = "stale-socket" if name.endswith(".sock") else "stale-file"
+                findings.append(Finding(kind, path, _allocated(path), "unlink"))
+                if not dry_run:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+        root = os.path.realpath(self.mount_root)
+        for point in mounts_under(self.mount_root):
+            if os.path.dirname(point) == root and os.path.basename(point) in known:
+                continue
+            findings.append(Finding("stale-mount", point, 0, "detach"))
+            if not dry_run:
+                detach(point)
+        for name in _listdir(self.mount_root):
+            path = os.path.join(self.mount_root, name)
+            if name in known or not os.path.isdir(path) or os.path.islink(path):
+                continue
+            findings.append(Finding("stale-mountpoint", path, 0, "rmdir"))
+            if not dry_run:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+        for finding in findings:
+            log.warning(
+                "gc %s kind=%s what=%s action=%s",
+                "found" if dry_run else "reclaimed",
+                finding.kind,
+                finding.what,
+                finding.action,
+            )
+        return findings
+
+    def _virtiofsd_roots(self) -> tuple[str, ...]:
+        layout = self.store.layout
+        return (layout.named, layout.anonymous, os.path.realpath(self.mount_root))
+
     async def remove(self, export_id: str) -> LiveExport:
         """Tear an export down: virtiofsd stops, its directory vanishes, open files go stale."""
         async with self.lock:
@@ -375,3 +458,35 @@ class ExportManager:
             for export_id in [i for i, u in self._unserved.items() if u.volume.id == volume.id]:
                 del self._unserved[export_id]
             return removed
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
+
+
+def _allocated(path: str) -> int:
+    try:
+        return os.lstat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+def _boxvol_virtiofsd(roots: tuple[str, ...]) -> list[tuple[int, str]]:
+    """Every virtiofsd process sharing a directory directly under one of ``roots`` (only
+    boxvold starts those), with what it shares. Blocking: reads /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                args = cmdline.read().split(b"\0")
+        except OSError:
+            continue
+        source = virtiofsd_source(args)
+        if source is not None and is_ours(source, roots):
+            found.append((int(entry), source))
+    return found

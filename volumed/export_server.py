@@ -168,7 +168,7 @@ class FuseServerSupervisor:
             await trio.lowlevel.wait_readable(pidfd)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_kill_and_wait, pid)
+                await trio.to_thread.run_sync(kill_and_wait, pid)
                 await trio.to_thread.run_sync(detach, self.mountpoint)
             raise
         finally:
@@ -302,14 +302,15 @@ def stop_orphans(state_dir: str, keep: Container[str]) -> list[int]:
         path = os.path.join(state_dir, name)
         pid = _server_of(path, export_id)
         if pid is not None:
-            _kill_and_wait(pid)
+            kill_and_wait(pid)
             stopped.append(pid)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     return stopped
 
 
-def _kill_and_wait(pid: int) -> None:
+def kill_and_wait(pid: int) -> None:
+    """SIGTERM ``pid``, SIGKILL it after STOP_GRACE, and wait until it is gone. Blocking."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE

@@ -6,6 +6,8 @@ two managed roots, judged after canonicalising both home and the candidate, so a
 planted under a root, a deeper path or the roots themselves never come out of it. Nor does a
 directory that something else is mounted on (root's ``mount --bind``): that raises
 ``ForeignMount`` naming the mount, unless boxvold made that mount itself (``own_mounts``).
+A sized volume's directory is the other way round: it must be the mount of its image, and
+is refused (``ImageUnavailable``) while it is the bare directory under it.
 Blocking: it stats the filesystem and reads ``/proc/self``.
 """
 
@@ -15,16 +17,16 @@ import os
 import stat
 from collections.abc import Container
 
-from volumed.errors import ForeignMount, OutsideManagedRoots
+from volumed.errors import ForeignMount, ImageUnavailable, OutsideManagedRoots
 from volumed.locations import Layout
 from volumed.model import Volume
 from volumed.mounts import fdinfo_mount_id, find_mount, parse_mountinfo
 from volumed.names import is_valid_name, is_volume_id
 
 #: The mounts boxvold made at volume directories itself, by mount id (as ``mnt_id`` in
-#: ``/proc/self/fdinfo`` and the first field of ``/proc/self/mountinfo``): none yet. This is
-#: the seam for volumes that are loop-mounted images: whatever mounts one records the id it
-#: got here, in a set it owns, and forgets it when it unmounts — the kernel reuses ids.
+#: ``/proc/self/fdinfo`` and the first field of ``/proc/self/mountinfo``): none here. The
+#: store passes ``volumed.images.ImageMounts``, which records the id each image mount got
+#: and forgets it when it unmounts — the kernel reuses ids.
 NO_OWN_MOUNTS: frozenset[int] = frozenset()
 
 
@@ -86,7 +88,9 @@ def _open_checked(
     except OSError as exc:
         raise _refuse(layout, canonical, f"it changed while it was being opened ({exc})") from None
     try:
-        opened = _check_opened(layout, canonical, fd, st, own_mounts)
+        opened = _check_opened(
+            layout, canonical, fd, st, own_mounts, image=volume.backing == "image"
+        )
     except BaseException:
         os.close(fd)
         raise
@@ -94,14 +98,29 @@ def _open_checked(
 
 
 def _check_opened(
-    layout: Layout, directory: str, fd: int, checked: os.stat_result, own_mounts: Container[int]
+    layout: Layout,
+    directory: str,
+    fd: int,
+    checked: os.stat_result,
+    own_mounts: Container[int],
+    *,
+    image: bool,
 ) -> os.stat_result:
     """The stat of ``fd`` if it is the very directory that was ``checked`` and nothing is
-    mounted on it but what ``own_mounts`` allows."""
+    mounted on it but what ``own_mounts`` allows; for an ``image`` volume, if it is one of
+    those mounts."""
     opened = os.fstat(fd)
     if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
         raise _refuse(layout, directory, "it changed while it was being opened")
     root, key = os.path.split(directory)
+    if image:
+        if _mount_id(fd) not in own_mounts:
+            raise ImageUnavailable(
+                f"volume {key!r} is sized, and its image is not mounted at {directory} "
+                "(boxvold mounts images as it starts; its log and 'boxvol health' say why "
+                "one was not), so nothing is served from the bare directory"
+            )
+        return opened
     _check_mount(f"volume {key!r}", directory, root, fd, own_mounts)
     return opened
 

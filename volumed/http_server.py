@@ -20,16 +20,27 @@ narrow dialect, so the server keeps exactly the rules that dialect needs:
   first come first served. Paths named ``unqueued`` (health) skip that wait: with a thousand
   requests all runnable, trio's run queue alone kept a health check 300-400 ms.
 
+Passing a file descriptor: a client may attach one fd to its request (``SCM_RIGHTS`` on the
+request's first ``sendmsg``; every receive here is a ``recvmsg``), for routes that move data
+without it flowing through boxvold (archives: the fd is a pipe end handed to a worker). At
+most one fd per request, and only on the paths ``takes_fd`` accepts; anything else is
+answered 400 before the app sees the request, and the fd is closed. The route takes the fd
+from ``scope["extensions"][PASSED_FD]`` (``PassedFd.take``); one it does not take is closed
+when the request ends. A request carrying an fd skips the queue for the app (it may run for
+minutes; the API bounds such work itself), like the ``unqueued`` paths.
+
 Errors the server answers itself use the API's one error shape (``errors.error_body``). HTTP
 parsing is h11's; routing and validation are the app's. Must not import pyfuse3.
 """
 
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import errno
 import logging
+import os
 import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -39,6 +50,7 @@ import h11
 import trio
 
 from volumed import errors
+from volumed.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +68,37 @@ _OVERLOAD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EN
 _RECEIVE_BYTES = 1 << 16
 #: Seconds a refused request's remaining bytes are read and dropped before closing.
 LINGER_SECONDS = 1.0
+#: Room for the control message of one received fd, and one more so that a second fd is
+#: seen (and refused) rather than silently dropped by the kernel.
+_ANCILLARY_BYTES = socket.CMSG_SPACE(2 * array.array("i").itemsize)
+#: The ASGI scope extension under which a request's passed fd (a ``PassedFd``) waits.
+PASSED_FD = "boxvol.passed_fd"
+
+
+class PassedFd:
+    """A file descriptor a client passed with its request. The route that ``take``s it owns
+    it from then on; the server closes one nobody took when the request ends."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def take(self) -> int:
+        """The fd, now the caller's to close."""
+        fd = self._fd
+        if fd is None:
+            raise RuntimeError("the passed fd was taken already")
+        self._fd = None
+        return fd
+
+    def close(self) -> None:
+        """Close the fd unless it was taken."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _takes_no_fd(method: str, path: str) -> bool:
+    return False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,12 +150,22 @@ class _Refusal(Exception):
 class _Connection:
     """One client: its stream and HTTP state, and whether it waits for a request."""
 
-    __slots__ = ("http", "scope", "stream")
+    __slots__ = ("fds", "fds_cut", "http", "scope", "stream")
 
     def __init__(self, stream: trio.SocketStream, limits: ServerLimits) -> None:
         self.stream = stream
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
         self.scope = trio.CancelScope()
+        #: Fds received with the current request (SCM_RIGHTS), and whether the kernel had
+        #: to drop some (more than ``_ANCILLARY_BYTES`` hold).
+        self.fds: list[int] = []
+        self.fds_cut = False
+
+    def close_fds(self) -> None:
+        """Close the fds received with the current request."""
+        fds, self.fds, self.fds_cut = self.fds, [], False
+        for fd in fds:
+            os.close(fd)
 
 
 class HttpServer:
@@ -130,10 +183,17 @@ class HttpServer:
     _waiting: collections.OrderedDict[_Connection, None]
 
     def __init__(
-        self, app: ASGIApp, limits: ServerLimits, *, unqueued: frozenset[str] = frozenset()
+        self,
+        app: ASGIApp,
+        limits: ServerLimits,
+        *,
+        unqueued: frozenset[str] = frozenset(),
+        takes_fd: Callable[[str, str], bool] = _takes_no_fd,
     ) -> None:
         self.app = app
         self.limits = limits
+        #: Whether a request (method, path) may carry a passed fd.
+        self.takes_fd = takes_fd
         #: GET paths that skip the queue for the app (liveness: they must answer while a
         #: thousand listings wait; each is cheap and never waits on a volume).
         self.unqueued = unqueued
@@ -205,6 +265,7 @@ class HttpServer:
             # A bug: this connection ends, the server goes on.
             log.exception("api connection failed")
         finally:
+            connection.close_fds()
             self._waiting.pop(connection, None)
             self._connections.discard(connection)
             await _close(connection.stream)
@@ -218,18 +279,66 @@ class HttpServer:
                 if request is None:
                     return
                 body = await self._read_body(connection, request)
+                passed = self._passed_fd(connection, request)
             except _Refusal as refusal:
+                connection.close_fds()
                 await self._send_refusal(connection, refusal.error)
                 return
             self._waiting.pop(connection, None)
-            if request.method == b"GET" and _path_of(request) in self.unqueued:
-                await self._run_app(connection, request, body)
-            else:
-                async with self._active:
-                    await self._run_app(connection, request, body)
+            try:
+                if passed is not None or (
+                    request.method == b"GET" and _path_of(request) in self.unqueued
+                ):
+                    await self._run_app(connection, request, body, passed)
+                else:
+                    async with self._active:
+                        await self._run_app(connection, request, body, passed)
+            finally:
+                if passed is not None:
+                    passed.close()
+                connection.close_fds()
             if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
                 return  # either side asked to close (Connection: close, HTTP/1.0...)
             http.start_next_cycle()
+
+    def _passed_fd(self, connection: _Connection, request: h11.Request) -> PassedFd | None:
+        """The fd that came with ``request``, if one did and its route takes one."""
+        if not connection.fds and not connection.fds_cut:
+            return None
+        method, path = request.method.decode("ascii"), _path_of(request)
+        if connection.fds_cut or len(connection.fds) > 1:
+            raise _Refusal(
+                errors.MalformedRequest(
+                    "more than one file descriptor came with the request; a request "
+                    "passes at most one"
+                )
+            )
+        if not self.takes_fd(method, path):
+            raise _Refusal(
+                errors.MalformedRequest(
+                    f"a file descriptor came with {method} {printable(path)}, which takes "
+                    "none; only the archive and restore endpoints take one"
+                )
+            )
+        fd = connection.fds.pop()
+        return PassedFd(fd)
+
+    async def _receive(self, connection: _Connection) -> bytes:
+        """The next bytes from the client, keeping any fds that come with them."""
+        try:
+            data, ancillary, flags, _ = await connection.stream.socket.recvmsg(
+                _RECEIVE_BYTES, _ANCILLARY_BYTES
+            )
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"receiving from the client failed: {exc}") from exc
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                connection.fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            connection.fds_cut = True
+        return bytes(data)
 
     async def _next_event(self, connection: _Connection) -> h11.Event:
         """The next h11 event, receiving more bytes when h11 needs them."""
@@ -249,7 +358,7 @@ class HttpServer:
             if event is not h11.NEED_DATA:
                 assert isinstance(event, h11.Event)
                 return event
-            data = await connection.stream.receive_some(_RECEIVE_BYTES)
+            data = await self._receive(connection)
             http.receive_data(data)  # b"" tells h11 the client closed
 
     async def _read_head(self, connection: _Connection) -> h11.Request | None:
@@ -299,7 +408,13 @@ class HttpServer:
             )
         )
 
-    async def _run_app(self, connection: _Connection, request: h11.Request, body: bytes) -> None:
+    async def _run_app(
+        self,
+        connection: _Connection,
+        request: h11.Request,
+        body: bytes,
+        passed: PassedFd | None = None,
+    ) -> None:
         """Call the app with one request and write its answer as it comes."""
         http = connection.http
         answered = False
@@ -336,7 +451,10 @@ class HttpServer:
             await self._send(connection, data)
 
         try:
-            await self.app(_asgi_scope(request), receive, send)
+            scope = _asgi_scope(request)
+            if passed is not None:
+                scope["extensions"][PASSED_FD] = passed
+            await self.app(scope, receive, send)
         except Exception:
             if answered:
                 # Starlette re-raises a handler's exception after its 500 answer has gone

@@ -49,7 +49,17 @@ def socket_path(env: Mapping[str, str], euid: int, runtime_dir: str | None = Non
 class Layout:
     """The directories under a home that boxvold owns (all created 0700)."""
 
-    __slots__ = ("anonymous", "home", "named", "quarantine", "registry", "trash", "volumes")
+    __slots__ = (
+        "anonymous",
+        "home",
+        "images",
+        "named",
+        "quarantine",
+        "registry",
+        "reserve",
+        "trash",
+        "volumes",
+    )
 
     def __init__(self, home: str) -> None:
         self.home = home
@@ -61,6 +71,12 @@ class Layout:
         #: Entries found under the managed roots that cannot be adopted; never deleted.
         self.quarantine = os.path.join(home, "quarantine")
         self.registry = os.path.join(home, "registry.sqlite3")
+        #: The ext4 images of sized volumes (``<volume-id>.ext4``), loop-mounted at their
+        #: volume directories (volumed.images).
+        self.images = os.path.join(home, "images")
+        #: Preallocated space released on demand so a full disk stays recoverable
+        #: (volumed.reserve).
+        self.reserve = os.path.join(home, "reserve")
 
     def root(self, kind: str) -> str:
         """The managed root of a volume kind (``named`` or ``anonymous``)."""

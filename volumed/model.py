@@ -7,6 +7,9 @@ from typing import Literal
 
 VolumeKind = Literal["named", "anonymous"]
 KINDS: tuple[VolumeKind, ...] = ("named", "anonymous")
+#: What holds a volume's data: a plain directory on the home's filesystem, or an ext4 image
+#: of its own (``volumed.images``), loop-mounted at that directory, whose size is the cap.
+Backing = Literal["directory", "image"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -18,12 +21,15 @@ class Volume:
     created_at: str
     name: str | None = None
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
-    #: Hard size cap in bytes; recorded now, enforced by loop-mounted images later.
+    #: Hard size cap in bytes: the size of the volume's image (``backing == "image"``).
+    #: Registries older than images may hold one on a directory volume: recorded, unenforced.
     size_bytes: int | None = None
-    #: Inode cap; recorded now, enforced later.
+    #: Inode count the image was made with (as asked; ext4 rounds it to whole inode-table
+    #: blocks per block group, so the image has about this many).
     inode_limit: int | None = None
     #: For anonymous volumes: who the volume belongs to (a VM, a container...).
     consumer: str | None = None
+    backing: Backing = "directory"
 
     @property
     def key(self) -> str:

@@ -14,12 +14,13 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 
-from volumed.errors import AlreadyExists, StorageError
+from volumed.errors import AlreadyExists, DiskFull, StorageError
 from volumed.model import ListFilter, Volume
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+#: 2 added ``volumes.backing`` (sized volumes are images); 1 had no such column.
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS volumes (
     id          TEXT PRIMARY KEY,
@@ -30,6 +31,7 @@ CREATE TABLE IF NOT EXISTS volumes (
     size_bytes  INTEGER,
     inode_limit INTEGER,
     consumer    TEXT,
+    backing     TEXT NOT NULL DEFAULT 'directory' CHECK (backing IN ('directory', 'image')),
     CHECK ((kind = 'named') = (name IS NOT NULL))
 );
 CREATE TABLE IF NOT EXISTS exports (
@@ -41,17 +43,18 @@ CREATE TABLE IF NOT EXISTS exports (
 );
 CREATE INDEX IF NOT EXISTS exports_by_volume ON exports(volume_id);
 """
-_COLUMNS = "id, name, kind, created_at, labels, size_bytes, inode_limit, consumer"
+_COLUMNS = "id, name, kind, created_at, labels, size_bytes, inode_limit, consumer, backing"
 _SELECT = (
     "SELECT v.id, v.name, v.kind, v.created_at, v.labels, v.size_bytes, v.inode_limit, "
-    "v.consumer, COALESCE(e.n, 0) AS exports FROM volumes v LEFT JOIN "
+    "v.consumer, v.backing, COALESCE(e.n, 0) AS exports FROM volumes v LEFT JOIN "
     "(SELECT volume_id, COUNT(*) AS n FROM exports GROUP BY volume_id) e ON e.volume_id = v.id"
 )
 # The API's volume object, built by SQLite (keep in step with volumed.api.volume_json).
 _VOLUME_JSON = (
     "json_object('id', id, 'name', name, 'kind', kind, 'created_at', created_at, "
     "'labels', json(labels), 'size_bytes', size_bytes, 'inode_limit', inode_limit, "
-    "'consumer', consumer, 'in_use', json(CASE WHEN exports > 0 THEN 'true' ELSE 'false' END), "
+    "'consumer', consumer, 'backing', backing, "
+    "'in_use', json(CASE WHEN exports > 0 THEN 'true' ELSE 'false' END), "
     "'exports', exports)"
 )
 
@@ -81,7 +84,7 @@ def _where(where: ListFilter) -> tuple[str, list[object]]:
 
 
 def _row_to_volume(row: tuple[object, ...]) -> Volume:
-    vid, name, kind, created_at, labels, size_bytes, inode_limit, consumer = row
+    vid, name, kind, created_at, labels, size_bytes, inode_limit, consumer, backing = row
     return Volume(
         id=str(vid),
         name=name if isinstance(name, str) else None,
@@ -91,7 +94,15 @@ def _row_to_volume(row: tuple[object, ...]) -> Volume:
         size_bytes=size_bytes if isinstance(size_bytes, int) else None,
         inode_limit=inode_limit if isinstance(inode_limit, int) else None,
         consumer=consumer if isinstance(consumer, str) else None,
+        backing="image" if backing == "image" else "directory",
     )
+
+
+def _storage_error(exc: sqlite3.Error, message: str) -> StorageError:
+    """A registry failure as the error it is: DiskFull when SQLite ran out of room."""
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
+        return DiskFull(message)
+    return StorageError(message)
 
 
 class Registry:
@@ -109,12 +120,12 @@ class Registry:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._migrate()
         except sqlite3.Error as exc:
-            raise StorageError(
+            raise _storage_error(
+                exc,
                 f"cannot open the registry {path}: {exc}; check that the home directory is "
-                "writable and not used by another boxvold"
+                "writable and not used by another boxvold",
             ) from exc
         self._lock = threading.Lock()
         self.path = path
@@ -122,6 +133,23 @@ class Registry:
         #: behind a listing for the database; changed only after a commit.
         (self._count,) = self._db.execute("SELECT COUNT(*) FROM volumes").fetchone()
         self._count_lock = threading.Lock()
+
+    def _migrate(self) -> None:
+        """Create or upgrade the schema, writing nothing when it is current: start-up must
+        work on a full disk (docs/storage.md)."""
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version == SCHEMA_VERSION:
+            return
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master")}
+        if "volumes" in tables:
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(volumes)")}
+            if "backing" not in columns:
+                self._db.execute(
+                    "ALTER TABLE volumes ADD COLUMN backing TEXT NOT NULL DEFAULT 'directory' "
+                    "CHECK (backing IN ('directory', 'image'))"
+                )
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         """Close the database (checkpointing the WAL)."""
@@ -141,9 +169,10 @@ class Registry:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
-                    raise StorageError(
+                    raise _storage_error(
+                        exc,
                         f"the registry {self.path} refused a write: {exc}; check the disk "
-                        "holding the boxvol home (space, permissions)"
+                        "holding the boxvol home (space, permissions)",
                     ) from exc
                 raise
 
@@ -157,7 +186,7 @@ class Registry:
         with self._transaction():
             try:
                 self._db.execute(
-                    f"INSERT INTO volumes ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO volumes ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         volume.id,
                         volume.name,
@@ -167,6 +196,7 @@ class Registry:
                         volume.size_bytes,
                         volume.inode_limit,
                         volume.consumer,
+                        volume.backing,
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -186,6 +216,15 @@ class Registry:
             removed = self._db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,)).rowcount
             yield
         self._counted(-removed)
+
+    @contextlib.contextmanager
+    def resizing(self, volume_id: str, size_bytes: int) -> Iterator[None]:
+        """Record a volume's new size; commit only if the body (the growth) succeeds."""
+        with self._transaction():
+            self._db.execute(
+                "UPDATE volumes SET size_bytes = ? WHERE id = ?", (size_bytes, volume_id)
+            )
+            yield
 
     def _counted(self, delta: int) -> None:
         with self._count_lock:

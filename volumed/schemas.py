@@ -156,9 +156,13 @@ class CreateVolume(Request):
     )
     labels: Labels = Field(default_factory=dict)
     size_bytes: SizeBytes | None = Field(
-        default=None, description="Hard size cap in bytes (enforced later)."
+        default=None,
+        description="Hard size cap in bytes: the volume gets an ext4 image of this size, so "
+        "writes past it fail with ENOSPC. At most the host's free space minus the reserve.",
     )
-    inode_limit: InodeCount | None = Field(default=None, description="Inode cap (enforced later).")
+    inode_limit: InodeCount | None = Field(
+        default=None, description="Inodes of the volume's image (needs size_bytes)."
+    )
     consumer: ConsumerText | None = Field(
         default=None, description="Who an anonymous volume belongs to."
     )
@@ -288,6 +292,31 @@ class PruneVolumes(Request):
     all: bool = False
 
 
+class ResizeVolume(Request):
+    """Grow a sized volume (never shrink; only while it is not exported)."""
+
+    size_bytes: SizeBytes
+
+
+class ImageOut(BaseModel):
+    """A sized volume's image: its filesystem's size and use, and what it takes on the host."""
+
+    file: str = Field(description="The image, relative to boxvold's home.")
+    size_bytes: int = Field(description="Size of the filesystem in the image (the cap).")
+    used_bytes: int
+    total_inodes: int = Field(description="Inodes the filesystem has (the inode cap).")
+    used_inodes: int
+    allocated_bytes: int = Field(description="Host blocks the sparse image file takes.")
+
+
+class UsageOut(BaseModel):
+    """What a volume takes now (``inspect`` of one volume)."""
+
+    bytes: int
+    inodes: int
+    image: ImageOut | None
+
+
 class VolumeOut(BaseModel):
     """A volume as the API reports it; there is deliberately no host path in it."""
 
@@ -299,8 +328,15 @@ class VolumeOut(BaseModel):
     size_bytes: int | None
     inode_limit: int | None
     consumer: str | None
+    backing: Literal["directory", "image"] = Field(
+        description="Where the data lives: a plain directory, or an ext4 image of its own "
+        "whose size is the cap (volumes created with size_bytes)."
+    )
     in_use: bool
     exports: int
+    usage: UsageOut | None = Field(
+        default=None, description="Measured for one volume (GET by reference), absent in lists."
+    )
 
 
 class VolumeList(BaseModel):
@@ -339,14 +375,60 @@ class VolumeUsage(BaseModel):
     bytes: int
     inodes: int
     in_use: bool
+    backing: Literal["directory", "image"]
+    cap_bytes: int | None = Field(description="The size cap (sized volumes), else null.")
+    cap_inodes: int | None = Field(description="Inodes the image has (sized volumes), else null.")
+    allocated_bytes: int = Field(
+        description="Host bytes the volume takes: its image's blocks, or the directory's."
+    )
 
 
 class UsageTotals(BaseModel):
-    """Sums over every volume."""
+    """Sums over every volume (or one kind)."""
 
     volumes: int
     bytes: int
     inodes: int
+
+
+class CollectGarbage(Request):
+    """Find what boxvol created and lost track of; reclaim it unless ``dry_run``."""
+
+    dry_run: bool = False
+
+
+class GcFinding(BaseModel):
+    """One leftover (``volumed.gc.Finding``)."""
+
+    kind: str
+    what: str = Field(description="A path, an id or a pid.")
+    bytes: int
+    action: str = Field(description="quarantine (data kept), forget-row, delete, unlink, ...")
+    detail: str
+
+
+class GcAnswer(BaseModel):
+    """Answer of ``/v1/system/gc``."""
+
+    dry_run: bool
+    findings: list[GcFinding]
+    reclaimed_bytes: int = Field(
+        description="Bytes freed (or that would be); quarantined data still takes its space."
+    )
+
+
+class ReserveOut(BaseModel):
+    """boxvold's reserve (``boxvol reserve-release``)."""
+
+    target_bytes: int
+    present_bytes: int
+
+
+class ReserveReleased(BaseModel):
+    """Answer of ``/v1/system/reserve-release``."""
+
+    released_bytes: int
+    reserve: ReserveOut
 
 
 class HostSpace(BaseModel):
@@ -363,6 +445,8 @@ class DiskUsage(BaseModel):
 
     volumes: list[VolumeUsage]
     totals: UsageTotals
+    by_kind: dict[Literal["named", "anonymous"], UsageTotals]
+    reserve: ReserveOut
     host: HostSpace
     measured_at: str = Field(
         description="When the volumes were walked (RFC 3339 UTC): an answer is reused for up "
@@ -405,3 +489,27 @@ class ErrorAnswer(BaseModel):
     """Every error is answered as ``{"error": {...}}``."""
 
     error: ErrorBody
+
+
+class RestoreVolume(Request):
+    """Restore a volume from the tar stream passed with the request (docs/archives.md)."""
+
+    force: bool = Field(
+        default=False, description="Replace the content of a volume that is not empty."
+    )
+
+
+class ArchiveReport(BaseModel):
+    """What an archive (or a restore) did; ``skipped`` and ``neutralised`` count entries by
+    kind (docs/archives.md lists the kinds)."""
+
+    entries: int = Field(description="Entries written.")
+    bytes: int = Field(description="Bytes of file content.")
+    skipped: dict[str, int] = Field(description="Entries left out, by kind.")
+    neutralised: dict[str, int] = Field(description="Entries made harmless, by kind.")
+
+
+class RestoreReport(ArchiveReport):
+    """Answer to a restore."""
+
+    created: bool = Field(description="The named volume did not exist and was created.")

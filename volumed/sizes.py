@@ -12,29 +12,63 @@ SIZE_RULE = (
     "a size is a whole number of bytes with an optional binary unit K, M, G, T or P "
     "(for example 512M or 10G)"
 )
-#: Below this an ext4 image (the later enforcement) cannot hold its own metadata.
-MIN_SIZE_BYTES = 1 << 20
+#: The smallest sized volume: below it an ext4 image's own metadata and journal leave too
+#: little room to be worth a volume (docs/storage.md).
+MIN_SIZE_BYTES = 8 << 20
 MAX_SIZE_BYTES = 1 << 60
 MIN_INODES = 16
 MAX_INODES = 1 << 32
 
 
-def parse_size(text: str) -> int:
-    """Bytes meant by a size argument such as ``10G``; raises InvalidArgument."""
+def parse_bytes(text: str) -> int:
+    """Bytes meant by ``10G``, ``512M``, ``0``..., with no volume limits; InvalidArgument."""
     match = _SIZE.match(text.strip())
     if not match:
         raise InvalidArgument(f"invalid size {text!r}: {SIZE_RULE}")
-    return check_size(int(match.group(1)) * _UNITS[match.group(2).lower()])
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def parse_size(text: str) -> int:
+    """Bytes meant by a volume size argument such as ``10G``; raises InvalidArgument."""
+    return check_size(parse_bytes(text))
 
 
 def check_size(size_bytes: int) -> int:
     """Return ``size_bytes`` if it is within the limits a volume can have."""
     if not MIN_SIZE_BYTES <= size_bytes <= MAX_SIZE_BYTES:
         raise InvalidArgument(
-            f"invalid size {size_bytes} bytes: a volume size is at least 1M "
+            f"invalid size {size_bytes} bytes: a volume size is at least "
+            f"{format_size(MIN_SIZE_BYTES)} "
             f"and at most {MAX_SIZE_BYTES} bytes"
         )
     return size_bytes
+
+
+def check_fits(what: str, size_bytes: int, free_bytes: int, reserve_bytes: int) -> None:
+    """Refuse ``size_bytes`` more than the host can hold: its free space minus boxvold's
+    reserve (images are sparse, but a cap the disk cannot back is a promise not kept)."""
+    room = free_bytes - reserve_bytes
+    if size_bytes > room:
+        raise InvalidArgument(
+            f"cannot {what} {format_size(size_bytes)}: the host has {format_size(free_bytes)} "
+            f"free and boxvold keeps {format_size(reserve_bytes)} of it in reserve, so at most "
+            f"{format_size(max(room, 0))} fits; give a smaller --size or free space first"
+        )
+
+
+#: A sized volume has at most one inode per this many bytes of its size (ext4 cannot make
+#: inode tables denser than its smallest block).
+MIN_BYTES_PER_INODE = 1024
+
+
+def check_inodes_fit(size_bytes: int, count: int) -> None:
+    """Refuse more inodes than an image of ``size_bytes`` can hold."""
+    most = size_bytes // MIN_BYTES_PER_INODE
+    if count > most:
+        raise InvalidArgument(
+            f"invalid inode limit {count}: a {format_size(size_bytes)} volume holds at most "
+            f"{most} inodes (one per KiB); give fewer inodes or a larger --size"
+        )
 
 
 def check_inodes(count: int) -> int:

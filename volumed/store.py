@@ -11,6 +11,7 @@ worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -18,20 +19,26 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Container
+from collections.abc import Container, Iterable
 
 from ulid import ULID
 
 from volumed.errors import (
     AmbiguousReference,
     Conflict,
+    DiskFull,
     ForeignMount,
+    ImageUnavailable,
     InUse,
+    InvalidArgument,
     NotFound,
     OutsideManagedRoots,
     StorageError,
 )
-from volumed.gate import NO_OWN_MOUNTS, check_not_mounted_over, foreign_mount, volume_directory
+from volumed.gate import check_not_mounted_over, foreign_mount, volume_directory
+from volumed.gc import Finding
+from volumed.images import SUFFIX as IMAGE_SUFFIX
+from volumed.images import ImageMounts, ImageUsage
 from volumed.locations import Layout
 from volumed.model import KINDS, ListFilter, Volume, VolumeKind
 from volumed.mounts import mounts_below, parse_mountinfo
@@ -45,11 +52,14 @@ from volumed.names import (
     is_volume_id,
 )
 from volumed.registry import Registry
-from volumed.sizes import check_inodes, check_size
+from volumed.reserve import DEFAULT_RESERVE_BYTES, Reserve
+from volumed.sizes import check_fits, check_inodes, check_inodes_fit, check_size, format_size
 
 log = logging.getLogger(__name__)
 
 DIR_MODE = 0o700
+#: Free space below which a change that writes the registry is refused before it starts.
+MIN_WRITE_ROOM = 1 << 20
 
 
 def utc_now() -> str:
@@ -76,10 +86,12 @@ class VolumeState:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Usage:
-    """Space and inodes a volume directory takes (hard links counted once)."""
+    """Space and inodes a volume takes (hard links counted once); for a sized volume, also
+    its image's filesystem (its size and inode count are the caps)."""
 
     bytes: int
     inodes: int
+    image: ImageUsage | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -111,26 +123,32 @@ class VolumeStore:
 
     layout: Layout
     registry: Registry
-    #: Mount ids of mounts boxvold made at volume directories; the gate accepts those (see
-    #: ``gate.NO_OWN_MOUNTS``). Exports reach volumes through the same set.
+    #: Sized volumes' images and their mounts. It is also ``own_mounts``: the mounts boxvold
+    #: made at volume directories, which the gate accepts (see ``gate.NO_OWN_MOUNTS``).
+    #: Exports reach volumes through the same set.
+    images: ImageMounts
     own_mounts: Container[int]
+    reserve: Reserve
     _root_fds: dict[str, int]
     _trash_fd: int
     _quarantine_fd: int
 
     def __init__(
-        self, layout: Layout, registry: Registry, *, own_mounts: Container[int] = NO_OWN_MOUNTS
+        self, layout: Layout, registry: Registry, *, reserve: Reserve | None = None
     ) -> None:
         self.layout = layout
         self.registry = registry
-        self.own_mounts = own_mounts
+        self.images = ImageMounts(layout)
+        self.own_mounts = self.images
+        self.reserve = reserve if reserve is not None else Reserve(layout.reserve)
         self._root_fds = {kind: _open_dir(layout.root(kind)) for kind in KINDS}
         self._trash_fd = _open_dir(layout.trash)
         self._quarantine_fd = _open_dir(layout.quarantine)
 
     @classmethod
-    def open(cls, home: str) -> VolumeStore:
-        """Create (0700) or open the home's layout and registry."""
+    def open(cls, home: str, *, reserve_bytes: int | None = None) -> VolumeStore:
+        """Create (0700) or open the home's layout and registry. On a nearly full home the
+        reserve is released first, so that opening never needs free space."""
         layout = Layout(os.path.realpath(home))
         try:
             for path in (
@@ -140,6 +158,7 @@ class VolumeStore:
                 layout.anonymous,
                 layout.trash,
                 layout.quarantine,
+                layout.images,
             ):
                 _ensure_private_dir(path)
         except OSError as exc:
@@ -147,10 +166,17 @@ class VolumeStore:
                 f"cannot prepare the boxvol home {home}: {exc}; give boxvold a home it can "
                 "write (--home or BOXVOL_HOME)"
             ) from exc
-        return cls(layout, Registry(layout.registry))
+        reserve = Reserve(
+            layout.reserve, DEFAULT_RESERVE_BYTES if reserve_bytes is None else reserve_bytes
+        )
+        reserve.release_if_low()
+        return cls(layout, Registry(layout.registry), reserve=reserve)
 
     def close(self) -> None:
-        """Release the root fds and the registry."""
+        """Unmount the images this store mounted, release the root fds and the registry."""
+        self.images.unmount_all(
+            {v.id: (v, self._directory(v)) for v in self.registry.all() if v.backing == "image"}
+        )
         for fd in (*self._root_fds.values(), self._trash_fd, self._quarantine_fd):
             os.close(fd)
         self.registry.close()
@@ -166,7 +192,11 @@ class VolumeStore:
         inode_limit: int | None = None,
         consumer: str | None = None,
     ) -> Volume:
-        """Create a named volume (``name`` given) or an anonymous one, all or nothing."""
+        """Create a named volume (``name`` given) or an anonymous one, all or nothing.
+
+        With ``size_bytes`` the volume is an image of that size (``volumed.images``), made
+        and mounted at its directory before the row commits.
+        """
         if name is not None:
             check_name(name)
         check_labels(labels or {})
@@ -174,8 +204,17 @@ class VolumeStore:
             check_size(size_bytes)
         if inode_limit is not None:
             check_inodes(inode_limit)
+            if size_bytes is None:
+                raise InvalidArgument(
+                    "an inode limit needs a size (--size): both are properties of the "
+                    "volume's own filesystem image"
+                )
         if consumer is not None:
             CONSUMER.check(consumer)
+        if size_bytes is not None:
+            if inode_limit is not None:
+                check_inodes_fit(size_bytes, inode_limit)
+            self._check_fits("create a volume of", size_bytes)
         volume = Volume(
             id=str(ULID()),
             kind="named" if name is not None else "anonymous",
@@ -185,6 +224,7 @@ class VolumeStore:
             size_bytes=size_bytes,
             inode_limit=inode_limit,
             consumer=consumer,
+            backing="image" if size_bytes is not None else "directory",
         )
         root_fd = self._root_fds[volume.kind]
         made = False
@@ -206,16 +246,50 @@ class VolumeStore:
                     os.fchmod(fd, DIR_MODE)
                 finally:
                     os.close(fd)
+                if volume.backing == "image":
+                    self.images.make(volume, self._directory(volume))
         except OSError as exc:
-            if made:
-                self._rmdir_quietly(volume.key, root_fd)
+            self._undo_create(volume, made)
+            if exc.errno == errno.ENOSPC:
+                raise DiskFull(f"cannot create volume {volume.key!r}: {exc}") from exc
             raise StorageError(f"cannot create volume {volume.key!r}: {exc}") from exc
         except BaseException:
-            if made:
-                self._rmdir_quietly(volume.key, root_fd)
+            self._undo_create(volume, made)
             raise
-        log.info("volume created id=%s name=%s kind=%s", volume.id, volume.name, volume.kind)
+        log.info(
+            "volume created id=%s name=%s kind=%s backing=%s size=%s",
+            volume.id,
+            volume.name,
+            volume.kind,
+            volume.backing,
+            volume.size_bytes,
+        )
         return volume
+
+    def _undo_create(self, volume: Volume, made: bool) -> None:
+        """Take back what a failed create made: the image's mount and file, the directory."""
+        if not made:
+            return
+        if self.images.is_mounted(volume):
+            try:
+                self.images.unmount(volume, self._directory(volume))
+            except BaseException as exc:  # pragma: no cover - reported; gc finds the rest
+                log.error("create cleanup failed id=%s error=%s", volume.id, exc)
+                return
+        if volume.backing == "image":
+            try:
+                os.unlink(self.images.path(volume))
+            except FileNotFoundError:
+                pass
+        self._rmdir_quietly(volume.key, self._root_fds[volume.kind])
+
+    def _directory(self, volume: Volume) -> str:
+        """The path of a volume's directory (a mount point, for a sized volume)."""
+        return os.path.join(self.layout.root(volume.kind), volume.key)
+
+    def _check_fits(self, what: str, size_bytes: int) -> None:
+        space = self.host_space()
+        check_fits(what, size_bytes, space["free_bytes"], self.reserve.target_bytes)
 
     def _rmdir_quietly(self, key: str, root_fd: int) -> None:
         try:
@@ -266,30 +340,88 @@ class VolumeStore:
     def remove(self, ref: str, *, force: bool = False) -> Volume:
         """Remove a volume and its data; refused while in use unless ``force``.
 
-        The directory is first renamed into the trash (atomic), then the row goes, then the
-        trash entry is deleted; a crash in between leaves trash that reconciliation clears.
+        A sized volume's image is unmounted first (a busy one refuses, changing nothing).
+        The directory (and image) are then renamed into the trash (atomic), the row goes, and
+        the trash entries are deleted; a crash in between leaves trash that reconciliation
+        clears, or puts back if the row stayed.
         """
         volume, present = self._check_removable(self.state(ref), force=force)
         root_fd = self._root_fds[volume.kind]
-        moved = False
+        unmounted = moved = image_moved = False
         try:
             with self.registry.deleting(volume.id):
+                if self.images.is_mounted(volume):
+                    self.images.unmount(volume, self._directory(volume))
+                    unmounted = True
                 if present:
                     os.rename(volume.key, volume.id, src_dir_fd=root_fd, dst_dir_fd=self._trash_fd)
                     moved = True
-        except OSError as exc:
-            if exc.errno == errno.EBUSY:
-                # Mounted on since the check: say what, as the check would have.
-                self._check_removable(self.state(volume.id), force=True)
-            raise StorageError(f"cannot remove volume {volume.key!r}: {exc}") from exc
-        except BaseException:
+                if volume.backing == "image" and self._image_present(volume):
+                    trashed = os.path.join(self.layout.trash, _trash_image(volume))
+                    os.rename(self.images.path(volume), trashed)
+                    image_moved = True
+        except BaseException as exc:
+            if image_moved:
+                os.rename(
+                    os.path.join(self.layout.trash, _trash_image(volume)), self.images.path(volume)
+                )
             if moved:
                 os.rename(volume.id, volume.key, src_dir_fd=self._trash_fd, dst_dir_fd=root_fd)
+            if unmounted:
+                self.images.mount(volume, self._directory(volume))
+            if isinstance(exc, OSError):
+                if exc.errno == errno.EBUSY:
+                    # Mounted on since the check: say what, as the check would have.
+                    self._check_removable(self.state(volume.id), force=True)
+                raise StorageError(f"cannot remove volume {volume.key!r}: {exc}") from exc
             raise
         if moved:
             self._empty_trash_entry(volume.id)
+        if image_moved:
+            self._empty_trash_entry(_trash_image(volume))
         log.info("volume removed id=%s name=%s kind=%s", volume.id, volume.name, volume.kind)
+        self.reserve.restore()  # back once there is room again (it checks; cheap otherwise)
         return volume
+
+    def _image_present(self, volume: Volume) -> bool:
+        return os.path.lexists(self.images.path(volume))
+
+    # -- resize -------------------------------------------------------------------------
+
+    def resize(self, ref: str, size_bytes: int) -> VolumeState:
+        """Grow a sized volume's cap to ``size_bytes`` (its image and filesystem, online).
+
+        Refused for a volume without a cap, for a smaller size, while the volume is exported
+        and when the host cannot hold the growth; nothing changes then.
+        """
+        check_size(size_bytes)
+        state = self.state(ref)
+        volume = state.volume
+        if volume.backing != "image" or volume.size_bytes is None:
+            raise InvalidArgument(
+                f"volume {volume.key!r} has no size cap (it was created without --size); a "
+                "cap is given when a volume is created: create a sized one and copy the data "
+                "over (boxvol archive, boxvol restore)"
+            )
+        if size_bytes < volume.size_bytes:
+            raise InvalidArgument(
+                f"cannot shrink volume {volume.key!r} from {format_size(volume.size_bytes)} "
+                f"to {format_size(size_bytes)}: a mounted ext4 filesystem only grows, and a "
+                "smaller cap could cut off data; create a smaller volume and copy the data over"
+            )
+        if state.in_use:
+            raise InUse(
+                f"volume {volume.key!r} is exported ({state.exports} export(s)); a volume "
+                "grows only while it is not exported: remove its exports, resize, export again"
+            )
+        if size_bytes == volume.size_bytes:
+            return state
+        self._check_fits("grow a volume by", size_bytes - volume.size_bytes)
+        directory = volume_directory(self.layout, volume, own_mounts=self.own_mounts)
+        with self.registry.resizing(volume.id, size_bytes):
+            self.images.grow(volume, directory, size_bytes)
+        log.info("volume resized id=%s name=%s size=%d", volume.id, volume.name, size_bytes)
+        return VolumeState(dataclasses.replace(volume, size_bytes=size_bytes), state.exports)
 
     def check_removable(self, ref: str, *, force: bool = False) -> None:
         """Raise what ``remove`` would refuse with, changing nothing: a caller that must undo
@@ -300,6 +432,7 @@ class VolumeStore:
         """The volume and whether its directory is there; raises InUse, ForeignMount (on
         it or below it) or OutsideManagedRoots when a removal must not start."""
         volume = state.volume
+        self.check_room(f"remove volume {volume.key!r}")
         if state.in_use and not force:
             raise InUse(
                 f"volume {volume.key!r} is in use by {state.exports} export(s); stop what uses "
@@ -309,6 +442,17 @@ class VolumeStore:
         if present:
             self._check_nothing_mounted_below(volume)
         return volume, present
+
+    def check_room(self, what: str) -> None:
+        """Raise DiskFull, before anything changes, if the home has less room than a registry
+        write needs (MIN_WRITE_ROOM): a removal that failed half-way would tear exports down
+        and keep the row."""
+        free = self.host_space()["free_bytes"]
+        if free < MIN_WRITE_ROOM:
+            raise DiskFull(
+                f"cannot {what}: the filesystem holding the boxvol home has "
+                f"{free} bytes free, and the registry needs some room to record any change"
+            )
 
     def _check_nothing_mounted_below(self, volume: Volume) -> None:
         # The rename into the trash carries a mount inside the directory along, and deleting
@@ -324,6 +468,8 @@ class VolumeStore:
         mounted on."""
         try:
             volume_directory(self.layout, volume, own_mounts=self.own_mounts)
+        except ImageUnavailable:
+            return True  # the bare directory under an image that is not mounted
         except OutsideManagedRoots:
             try:
                 os.lstat(volume.key, dir_fd=self._root_fds[volume.kind])
@@ -334,9 +480,13 @@ class VolumeStore:
         return True
 
     def _empty_trash_entry(self, entry: str) -> bool:
-        """Delete a trash entry; False (and logged) if the host refused."""
+        """Delete a trash entry (a directory, or an image file); False (and logged) if the
+        host refused."""
         try:
-            shutil.rmtree(entry, dir_fd=self._trash_fd)
+            if entry.endswith(IMAGE_SUFFIX):
+                os.unlink(entry, dir_fd=self._trash_fd)
+            else:
+                shutil.rmtree(entry, dir_fd=self._trash_fd)
         except OSError as exc:
             log.error("trash cleanup failed entry=%s error=%s", entry, exc)
             return False
@@ -352,7 +502,8 @@ class VolumeStore:
         reclaimed = 0
         for state in self.list_volumes(where):
             try:
-                size = self.usage(state.volume).bytes
+                usage = self.usage(state.volume)
+                size = usage.image.allocated_bytes if usage.image is not None else usage.bytes
                 removed.append(self.remove(state.volume.id))
             except (NotFound, InUse):
                 continue  # removed or taken into use meanwhile
@@ -372,9 +523,12 @@ class VolumeStore:
             directory = volume_directory(self.layout, volume, own_mounts=self.own_mounts)
         except OutsideManagedRoots:
             return Usage(0, 0)
-        except ForeignMount as exc:
+        except (ForeignMount, ImageUnavailable) as exc:
             log.warning("usage not measured id=%s reason=%s", volume.id, exc.message)
             return Usage(0, 0)
+        if volume.backing == "image":
+            image = self.images.usage(volume, directory)
+            return Usage(image.used_bytes, image.used_inodes, image)
         seen: set[int] = set()
         total_bytes = 0
         inodes = 0
@@ -408,6 +562,109 @@ class VolumeStore:
             "free_inodes": st.f_favail,
         }
 
+    # -- garbage collection -------------------------------------------------------------
+
+    def collect_garbage(self, *, dry_run: bool) -> list[Finding]:
+        """Find (and unless ``dry_run`` reclaim) what the home holds that no record owns:
+        volume directories without a row and images no sized volume owns (quarantined, data
+        kept), rows whose data is gone and that no export uses (forgotten), and trash
+        (deleted). A foreign mount is never touched. Call with creates and removals held
+        off (the writer limiter)."""
+        findings: list[Finding] = []
+        records = {(v.kind, v.key): v for v in self.registry.all()}
+        exported = self.registry.export_counts()
+        for entry in sorted(os.listdir(self._trash_fd)):
+            findings.append(
+                Finding("trash", entry, self._tree_bytes(self.layout.trash, entry), "delete")
+            )
+            if not dry_run:
+                self._empty_trash_entry(entry)
+        for kind in KINDS:
+            root = self.layout.root(kind)
+            for entry in sorted(os.listdir(self._root_fds[kind])):
+                if (kind, entry) in records or self._foreign_mount_action(kind, entry):
+                    continue
+                path = os.path.join(root, entry)
+                finding = Finding(
+                    "orphan-directory", path, self._tree_bytes(root, entry), "quarantine"
+                )
+                if not dry_run:
+                    where = self._quarantine(kind, entry)
+                    finding = dataclasses.replace(finding, detail=f"moved to {where}")
+                findings.append(finding)
+        for (kind, key), volume in records.items():
+            if exported.get(volume.id) or self._data_present(volume):
+                continue
+            findings.append(
+                Finding(
+                    "row-without-data",
+                    volume.id,
+                    0,
+                    "forget-row",
+                    f"volume {key!r} ({kind}): its "
+                    + ("image" if volume.backing == "image" else "directory")
+                    + " is gone",
+                )
+            )
+            if not dry_run:
+                self._forget(volume)
+        owned = {self.images.path(v) for v in records.values() if v.backing == "image"}
+        for entry in sorted(os.listdir(self.layout.images)):
+            path = os.path.join(self.layout.images, entry)
+            if path in owned:
+                continue
+            finding = Finding("orphan-image", path, _allocated(path), "quarantine")
+            if not dry_run:
+                target = os.path.join(self.layout.quarantine, f"image-{entry}-{utc_now()}")
+                os.rename(path, target)
+                finding = dataclasses.replace(finding, detail=f"moved to {target}")
+            findings.append(finding)
+        for finding in findings:
+            log.warning(
+                "gc %s kind=%s what=%s bytes=%d action=%s",
+                "found" if dry_run else "reclaimed",
+                finding.kind,
+                finding.what,
+                finding.bytes,
+                finding.action,
+            )
+        return findings
+
+    def _data_present(self, volume: Volume) -> bool:
+        if volume.backing == "image":
+            return self._image_present(volume)
+        return self._exists(volume.kind, volume.key)
+
+    def _forget(self, volume: Volume) -> None:
+        """Drop the row of a volume whose data is gone, and its empty mount point."""
+        with self.registry.deleting(volume.id):
+            pass
+        with contextlib.suppress(OSError):
+            os.rmdir(volume.key, dir_fd=self._root_fds[volume.kind])
+
+    def _tree_bytes(self, root: str, entry: str) -> int:
+        """Allocated bytes under ``root/entry`` (not following links, hard links once)."""
+        path = os.path.join(root, entry)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return 0
+        if not stat.S_ISDIR(st.st_mode):
+            return st.st_blocks * 512
+        total, seen = st.st_blocks * 512, set()
+        for _dirpath, dirnames, filenames, dir_fd in os.fwalk(path):
+            for name in (*filenames, *dirnames):
+                try:
+                    st = os.lstat(name, dir_fd=dir_fd)
+                except OSError:
+                    continue
+                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                    if st.st_ino in seen:
+                        continue
+                    seen.add(st.st_ino)
+                total += st.st_blocks * 512
+        return total
+
     # -- reconciliation -----------------------------------------------------------------
 
     def reconcile(self) -> list[ReconcileAction]:
@@ -422,6 +679,9 @@ class VolumeStore:
         """
         actions: list[ReconcileAction] = []
         for entry in os.listdir(self._trash_fd):
+            if entry.endswith(IMAGE_SUFFIX):
+                actions.append(self._reconcile_trashed_image(entry))
+                continue
             volume = self.registry.by_id(entry) if is_volume_id(entry) else None
             if volume is not None and not self._exists(volume.kind, volume.key):
                 # The removal never committed: the volume is still registered, so its
@@ -450,6 +710,7 @@ class VolumeStore:
                     )
                 )
         records = {(v.kind, v.key): v for v in self.registry.all()}
+        actions.extend(self._mount_images([v for v in records.values() if v.backing == "image"]))
         for (kind, key), volume in records.items():
             root_fd = self._root_fds[kind]
             mounted = self._foreign_mount_action(kind, key)
@@ -459,6 +720,8 @@ class VolumeStore:
             try:
                 volume_directory(self.layout, volume, own_mounts=self.own_mounts)
                 continue
+            except ImageUnavailable:
+                continue  # reported by _mount_images
             except OutsideManagedRoots:
                 pass
             try:
@@ -468,6 +731,12 @@ class VolumeStore:
             except FileNotFoundError:
                 detail = "its directory was missing"
             os.mkdir(key, DIR_MODE, dir_fd=root_fd)
+            if volume.backing == "image":
+                actions.append(
+                    ReconcileAction("recreated-mount-point", kind, key, detail + "; made again")
+                )
+                actions.extend(self._mount_images([volume]))
+                continue
             actions.append(
                 ReconcileAction(
                     "recreated-empty", kind, key, detail + "; an empty directory was made"
@@ -480,6 +749,7 @@ class VolumeStore:
                     continue
                 mounted = self._foreign_mount_action(kind, entry)
                 actions.append(mounted or self._adopt_or_quarantine(kind, entry, root_fd))
+        actions.extend(self._quarantine_orphan_images(records.values()))
         for action in actions:
             log.warning(
                 "reconcile action=%s kind=%s key=%s detail=%s",
@@ -487,6 +757,65 @@ class VolumeStore:
                 action.kind,
                 action.key,
                 action.detail,
+            )
+        return actions
+
+    def _mount_images(self, volumes: list[Volume]) -> list[ReconcileAction]:
+        """Adopt the image mounts a previous boxvold left, and check (``e2fsck -p``) and mount
+        the others, before any export is re-armed. An image that is missing or cannot be
+        repaired is reported and left as it is; the gate refuses its volume."""
+        present = [v for v in volumes if os.path.isdir(self._directory(v))]
+        actions = []
+        for volume in self.images.adopt((v, self._directory(v)) for v in present):
+            if self._foreign_mount_action(volume.kind, volume.key) is not None:
+                continue  # reported by the records' pass; never mounted over
+            try:
+                verdict = self.images.mount(volume, self._directory(volume))
+            except StorageError as exc:  # ImageUnavailable, or mount(8) refused
+                actions.append(
+                    ReconcileAction("image-unavailable", volume.kind, volume.key, exc.message)
+                )
+                continue
+            if verdict.repaired:
+                actions.append(
+                    ReconcileAction(
+                        "image-repaired",
+                        volume.kind,
+                        volume.key,
+                        f"the image was not cleanly unmounted; e2fsck -p: {verdict.detail}",
+                    )
+                )
+        return actions
+
+    def _reconcile_trashed_image(self, entry: str) -> ReconcileAction:
+        """An image a removal moved to the trash: put back if its volume's row stayed (the
+        removal never committed), deleted otherwise."""
+        volume_id = entry[: -len(IMAGE_SUFFIX)]
+        volume = self.registry.by_id(volume_id) if is_volume_id(volume_id) else None
+        if volume is not None and not self._image_present(volume):
+            os.rename(os.path.join(self.layout.trash, entry), self.images.path(volume))
+            return ReconcileAction(
+                "restored", volume.kind, volume.key, "an interrupted removal's image was put back"
+            )
+        self._empty_trash_entry(entry)
+        return ReconcileAction(
+            "finished-removal", "trash", entry, "a removal was interrupted; its image was deleted"
+        )
+
+    def _quarantine_orphan_images(self, volumes: Iterable[Volume]) -> list[ReconcileAction]:
+        """Images no sized volume owns are moved to the quarantine, never deleted."""
+        owned = {self.images.path(v) for v in volumes if v.backing == "image"}
+        actions = []
+        for entry in sorted(os.listdir(self.layout.images)):
+            path = os.path.join(self.layout.images, entry)
+            if path in owned:
+                continue
+            target = os.path.join(self.layout.quarantine, f"image-{entry}-{utc_now()}")
+            os.rename(path, target)
+            actions.append(
+                ReconcileAction(
+                    "quarantined", "image", entry, f"an image no volume owns; moved to {target}"
+                )
             )
         return actions
 
@@ -545,6 +874,18 @@ class VolumeStore:
         target = f"{kind}-{entry}-{utc_now()}"
         os.rename(entry, target, src_dir_fd=self._root_fds[kind], dst_dir_fd=self._quarantine_fd)
         return os.path.join(self.layout.quarantine, target)
+
+
+def _allocated(path: str) -> int:
+    try:
+        return os.lstat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+def _trash_image(volume: Volume) -> str:
+    """The trash entry of a removed volume's image."""
+    return volume.id + IMAGE_SUFFIX
 
 
 def _is_symlink(name: str, dir_fd: int) -> bool:

@@ -20,7 +20,7 @@ async def api(
     nursery: trio.Nursery, home: Path, runtime_dir: Path
 ) -> AsyncIterator[httpx.AsyncClient]:
     """An httpx client of a boxvold served on the test's own trio loop."""
-    config = DaemonConfig(home=str(home), runtime_dir=str(runtime_dir))
+    config = DaemonConfig(home=str(home), runtime_dir=str(runtime_dir), reserve_bytes=1 << 20)
     socket_path = await nursery.start(serve_boxvold, config)
     transport = httpx.AsyncHTTPTransport(uds=socket_path)
     async with httpx.AsyncClient(transport=transport, base_url="http://boxvold") as client:

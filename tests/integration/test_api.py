@@ -32,7 +32,12 @@ async def test_socket_mode(api: httpx.AsyncClient, runtime_dir: Path) -> None:
 async def test_create_get_list_delete(api: httpx.AsyncClient, home: Path) -> None:
     created = await api.post(
         "/v1/volumes",
-        json={"name": "data", "labels": {"team": "db"}, "size_bytes": 1 << 30, "inode_limit": 1000},
+        json={
+            "name": "data",
+            "labels": {"team": "db"},
+            "size_bytes": 64 << 20,
+            "inode_limit": 1000,
+        },
     )
     assert created.status_code == 201, created.text
     volume = created.json()
@@ -50,7 +55,13 @@ async def test_create_get_list_delete(api: httpx.AsyncClient, home: Path) -> Non
     for ref in ("data", volume["id"], volume["id"].lower()):
         got = await api.get(f"/v1/volumes/{ref}")
         assert got.status_code == 200
-        assert got.json() == volume
+        inspected = got.json()
+        usage = inspected.pop("usage")
+        assert inspected == volume
+        # A sized volume is its own ext4 image: about its size, nearly empty.
+        assert usage["image"]["size_bytes"] > 60 << 20
+        assert usage["image"]["total_inodes"] >= 1000
+        assert usage["bytes"] == usage["image"]["used_bytes"] < 1 << 20
 
     listing = (await api.get("/v1/volumes")).json()["volumes"]
     assert [v["id"] for v in listing] == [volume["id"], anon["id"]]
@@ -84,7 +95,7 @@ async def test_duplicate_name_is_409(api: httpx.AsyncClient) -> None:
         ({"name": "a b"}, "invalid volume name"),
         ({"name": 5}, "invalid name 5"),
         ({"labels": {"bad key": "v"}}, "label key"),
-        ({"size_bytes": 10}, "at least 1M"),
+        ({"size_bytes": 10}, "at least 8.0M"),
         ({"bogus": 1}, "unknown field 'bogus'"),
     ],
 )

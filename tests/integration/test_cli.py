@@ -15,7 +15,7 @@ from tests.helpers import VENV_BIN, Daemon, boxvol, ok
 
 def test_create_ls_inspect_rm(daemon: Daemon) -> None:
     assert (
-        ok(daemon, "create", "data", "--label", "team=db", "--size", "10G", "--inodes", "5000")
+        ok(daemon, "create", "data", "--label", "team=db", "--size", "64M", "--inodes", "5000")
         == "data\n"
     )
     anon_id = ok(daemon, "create").strip()
@@ -34,7 +34,7 @@ def test_create_ls_inspect_rm(daemon: Daemon) -> None:
     assert [v["name"] for v in listed] == ["data", None]
 
     inspected = json.loads(ok(daemon, "inspect", "data", anon_id))
-    assert inspected[0]["size_bytes"] == 10 << 30
+    assert inspected[0]["size_bytes"] == 64 << 20
     assert inspected[0]["inode_limit"] == 5000
     assert inspected[0]["labels"] == {"team": "db"}
     assert inspected[1]["id"] == anon_id
@@ -98,15 +98,34 @@ def test_prune_asks_first(daemon: Daemon) -> None:
 
 def test_df(daemon: Daemon) -> None:
     ok(daemon, "create", "data")
+    ok(daemon, "create", "capped", "--size", "64M", "--inodes", "2000")
+    ok(daemon, "create")
     (daemon.home / "volumes" / "named" / "data" / "blob").write_bytes(b"x" * (3 << 20))
+    (daemon.home / "volumes" / "named" / "capped" / "blob").write_bytes(b"x" * (5 << 20))
     lines = ok(daemon, "df").splitlines()
-    assert lines[0].split() == ["VOLUME", "KIND", "IN", "USE", "SIZE", "INODES"]
+    assert lines[0].split() == [
+        "VOLUME",
+        "KIND",
+        "IN",
+        "USE",
+        "SIZE",
+        "CAP",
+        "INODES",
+        "INODE",
+        "CAP",
+    ]
     row = next(line for line in lines if line.startswith("data"))
-    assert row.split()[-2:] == ["3.0M", "2"]
-    assert any(line.startswith("TOTAL") for line in lines)
+    assert row.split()[-4:] == ["3.0M", "-", "2", "-"]
+    capped = next(line for line in lines if line.startswith("capped")).split()
+    assert capped[3:5] == ["5.0M", "64M"]
+    assert abs(int(capped[6]) - 2000) < 100  # ext4 rounds it to whole inode-table blocks
+    assert any(line.startswith("TOTAL named") and "2 volumes" in line for line in lines)
+    assert any(line.startswith("TOTAL anonymous") and "1 volumes" in line for line in lines)
     assert any(line.startswith("Host:") and "free of" in line for line in lines)
+    assert any(line.startswith("Reserve: 1.0M held") for line in lines)
     usage = json.loads(ok(daemon, "df", "--format", "json"))
-    assert usage["totals"]["inodes"] == 2
+    assert usage["by_kind"]["named"]["volumes"] == 2
+    assert usage["reserve"] == {"target_bytes": 1 << 20, "present_bytes": 1 << 20}
 
 
 def test_daemon_not_running_says_how_to_start(tmp_path: Path) -> None:

@@ -592,7 +592,7 @@ def test_a_server_that_died_while_boxvold_was_down_is_replaced(
 
 def test_each_server_is_sandboxed_in_its_volume(daemon: Daemon, export: Export) -> None:
     """The server's root is the volume (nothing of the host), in a mount namespace of its
-    own, with five capabilities and no_new_privs."""
+    own, with five capabilities, no_new_privs and the syscall filter."""
     (export.path / "seen").write_text("x")
     pid = daemon.client().get_export(export.id)["server"]["pid"]
     assert sorted(os.listdir(f"/proc/{pid}/root")) == ["seen"]
@@ -605,6 +605,8 @@ def test_each_server_is_sandboxed_in_its_volume(daemon: Daemon, export: Export) 
     )  # CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID
     assert int(status["CapBnd"].strip(), 16) == 0x1F
     assert status["NoNewPrivs"].strip() == "1"
+    assert status["Seccomp"].strip() == "2"  # filter mode
+    assert status["Seccomp_filters"].strip() == "1"
 
 
 def test_a_killed_server_is_replaced_at_the_same_path(daemon: Daemon, export: Export) -> None:

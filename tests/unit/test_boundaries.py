@@ -28,6 +28,10 @@ BOUNDARIES = {
     "volumed.daemon": ["vmdriver", "libvirt", "pyfuse3"],
     "volumed.openapi": ["pyfuse3"],
     "volumed.export_manager": ["pyfuse3"],
+    "volumed.sandbox": ["pyfuse3", "trio"],
+    "volumed.archive": ["pyfuse3", "trio"],
+    "volumed.archive_worker": ["pyfuse3", "trio"],
+    "volumed.archive_jobs": ["pyfuse3"],
 }
 
 

@@ -50,13 +50,13 @@ def test_layout_is_private(store: VolumeStore) -> None:
 def test_create_named_and_anonymous(store: VolumeStore) -> None:
     old_umask = os.umask(0)
     try:
-        named = store.create(name="data", labels={"team": "db"}, size_bytes=1 << 30)
+        named = store.create(name="data", labels={"team": "db"}, size_bytes=64 << 20)
         anon = store.create(consumer="vm:web")
     finally:
         os.umask(old_umask)
     assert named.kind == "named"
     assert named.labels == {"team": "db"}
-    assert named.size_bytes == 1 << 30
+    assert named.size_bytes == 64 << 20
     assert anon.kind == "anonymous"
     assert anon.name is None
     assert anon.consumer == "vm:web"
