@@ -6,10 +6,12 @@ The data never flows through boxvold: the client's pipe end goes straight to the
 exit and reads the worker's small JSON report. The worker runs in the volume's sandbox, so
 everything that touches volume data happens in a child process.
 
-Restores take the export manager's lock for their whole run: no export of any volume is
-created or removed meanwhile (a restore into a volume with live exports is refused, and none
-may appear while it runs). A missing named volume is created by the restore and removed
-again if the restore fails. Must not import pyfuse3.
+A restore marks its volume busy (``VolumeStore.occupied``) for its whole run, after checking
+it has no live export under the export manager's lock: no export of it may appear, and it is
+not removed or resized, while the worker replaces its content; other volumes are not held up.
+An archive marks it too (archives may overlap one another, not a restore). A missing named
+volume is created by the restore and removed again if the restore fails. Must not import
+pyfuse3.
 """
 
 from __future__ import annotations
@@ -85,9 +87,10 @@ class ArchiveJobs:
         over and closes); the worker's report."""
         with _owned(data_fd):
             volume = await self._thread(self.store.resolve, ref)
-            async with self._workers:
-                root_fd = await self._open(volume)
-                report = await _run_worker("pack", volume, root_fd, data_fd, force=False)
+            with self.store.occupied(volume, "being archived", shared=True):
+                async with self._workers:
+                    root_fd = await self._open(volume)
+                    report = await _run_worker("pack", volume, root_fd, data_fd, force=False)
         log.info(
             "volume archived id=%s key=%s entries=%d bytes=%d skipped=%s",
             volume.id,
@@ -102,19 +105,27 @@ class ArchiveJobs:
         """Replace the content of the volume ``ref`` names with the tar stream read from
         ``data_fd`` (taken over and closed), all or nothing; a missing named volume is
         created (and removed again on failure). The worker's report, with ``created``."""
-        with _owned(data_fd):
+        with _owned(data_fd), contextlib.ExitStack() as marks:
             async with self.exports.lock:
                 volume, created = await self._resolve_or_create(ref)
                 try:
                     await self._thread(self._check_not_in_use, volume)
-                    async with self._workers:
-                        root_fd = await self._open(volume)
-                        report = await _run_worker("unpack", volume, root_fd, data_fd, force=force)
+                    marks.enter_context(self.store.occupied(volume, "being restored"))
                 except BaseException:
                     if created:
                         with trio.CancelScope(shield=True):
                             await self._remove_created(volume)
                     raise
+            try:
+                async with self._workers:
+                    root_fd = await self._open(volume)
+                    report = await _run_worker("unpack", volume, root_fd, data_fd, force=force)
+            except BaseException:
+                marks.close()
+                if created:
+                    with trio.CancelScope(shield=True):
+                        await self._remove_created(volume)
+                raise
         log.info(
             "volume restored id=%s key=%s created=%s entries=%d bytes=%d skipped=%s neutralised=%s",
             volume.id,

@@ -280,6 +280,7 @@ class ExportManager:
             if virtiofs is not None:
                 self._check_tag_free(virtiofs)
             volume = await self._thread(self.store.resolve, ref)
+            self.store.check_not_busy(volume)
             export = Export(
                 id=str(ULID()),
                 volume_id=volume.id,

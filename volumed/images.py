@@ -22,6 +22,7 @@ import logging
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Iterable, Sequence
 
 from volumed.errors import DiskFull, ImageUnavailable, InUse, StorageError
@@ -264,6 +265,15 @@ class ImageMounts:
         image = self.path(volume)
         old_size = os.stat(image).st_size
         self.unmount(volume, directory)
+        holder = _still_attached(image)
+        if holder is not None:
+            # Still mounted in another mount namespace (a sandbox, a guest's virtiofsd):
+            # its filesystem is live, never to be checked or resized from here.
+            self._mount(volume, holder, directory)
+            raise InUse(
+                f"volume {volume.key!r} is still in use by another process (its filesystem "
+                f"is mounted through {holder} elsewhere); stop what uses it and try again"
+            )
         try:
             fd = os.open(image, os.O_WRONLY | os.O_CLOEXEC)
             try:
@@ -343,6 +353,20 @@ def _filesystem_bytes(image: str) -> int:
         return int(fields["Block count"]) * int(fields["Block size"])
     except (KeyError, ValueError):
         return 0
+
+
+#: Seconds the kernel gets to free an unmounted image's loop device (it may do so a moment
+#: after the unmount returns) before the image counts as held by another mount namespace.
+DETACH_GRACE = 2.0
+
+
+def _still_attached(image: str) -> str | None:
+    """The loop device still attached to ``image`` DETACH_GRACE after its last mount here
+    went, if any: then another mount namespace holds it."""
+    deadline = time.monotonic() + DETACH_GRACE
+    while (device := _loop_device_of(image)) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return device
 
 
 def _loop_device_of(image: str) -> str | None:

@@ -19,7 +19,8 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Container, Iterable
+import threading
+from collections.abc import Container, Iterable, Iterator
 
 from ulid import ULID
 
@@ -141,6 +142,10 @@ class VolumeStore:
         self.images = ImageMounts(layout)
         self.own_mounts = self.images
         self.reserve = reserve if reserve is not None else Reserve(layout.reserve)
+        #: Volumes whose data a worker is reading or replacing (archive, restore), by id:
+        #: what, and how many. Exports, removals and resizes wait for them to finish.
+        self._busy: dict[str, tuple[str, int]] = {}
+        self._busy_lock = threading.Lock()
         self._root_fds = {kind: _open_dir(layout.root(kind)) for kind in KINDS}
         self._trash_fd = _open_dir(layout.trash)
         self._quarantine_fd = _open_dir(layout.quarantine)
@@ -297,6 +302,37 @@ class VolumeStore:
         except OSError as exc:  # pragma: no cover - reported, reconciliation finishes it
             log.error("cleanup failed key=%s error=%s", key, exc)
 
+    # -- busy volumes -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def occupied(self, volume: Volume, what: str, *, shared: bool = False) -> Iterator[None]:
+        """Mark ``volume`` as busy with ``what`` ("being archived", "being restored") for
+        the block: exports, removals, resizes and other exclusive work on it are refused
+        meanwhile. ``shared`` work (archives) may overlap with more of the same."""
+        with self._busy_lock:
+            current = self._busy.get(volume.id)
+            if current is not None and not (shared and current[0] == what):
+                raise InUse(
+                    f"volume {volume.key!r} is {current[0]}; try again when that is done"
+                )
+            self._busy[volume.id] = (what, (current[1] if current else 0) + 1)
+        try:
+            yield
+        finally:
+            with self._busy_lock:
+                what_now, count = self._busy[volume.id]
+                if count > 1:
+                    self._busy[volume.id] = (what_now, count - 1)
+                else:
+                    del self._busy[volume.id]
+
+    def check_not_busy(self, volume: Volume) -> None:
+        """Raise InUse while a worker reads or replaces the volume's data."""
+        with self._busy_lock:
+            current = self._busy.get(volume.id)
+        if current is not None:
+            raise InUse(f"volume {volume.key!r} is {current[0]}; try again when that is done")
+
     # -- lookup -------------------------------------------------------------------------
 
     def resolve(self, ref: str) -> Volume:
@@ -409,6 +445,7 @@ class VolumeStore:
                 f"to {format_size(size_bytes)}: a mounted ext4 filesystem only grows, and a "
                 "smaller cap could cut off data; create a smaller volume and copy the data over"
             )
+        self.check_not_busy(volume)
         if state.in_use:
             raise InUse(
                 f"volume {volume.key!r} is exported ({state.exports} export(s)); a volume "
@@ -432,6 +469,7 @@ class VolumeStore:
         """The volume and whether its directory is there; raises InUse, ForeignMount (on
         it or below it) or OutsideManagedRoots when a removal must not start."""
         volume = state.volume
+        self.check_not_busy(volume)
         self.check_room(f"remove volume {volume.key!r}")
         if state.in_use and not force:
             raise InUse(

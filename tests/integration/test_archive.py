@@ -10,6 +10,7 @@ import select
 import socket
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,62 @@ def test_a_restore_into_an_exported_volume_is_refused(daemon: Daemon, tmp_path: 
     assert refused.returncode == 1
     assert "live export" in _one_line(refused.stderr)
     assert os.listdir(_volume(daemon, "live")) == ["kept"]
+
+
+def test_a_volume_being_restored_is_busy_and_others_are_not_held_up(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """While a restore's stream is still coming, its volume refuses exports, removal and
+    resizes; another volume exports at once; the restore then completes."""
+    import threading
+
+    ok(daemon, "create", "target")
+    ok(daemon, "create", "other")
+    source = tmp_path / "src.tar"
+    ok(daemon, "archive", "other", "-o", str(source))
+    read_end, write_end = os.pipe()
+    answers: list[object] = []
+    worker = threading.Thread(
+        target=lambda: answers.append(daemon.client().restore_volume("target", read_end)),
+    )
+    worker.start()
+    try:
+        client = daemon.client()
+        os.write(write_end, source.read_bytes()[:512])  # the first header only: it waits
+        # The volume is marked before its worker starts: once the worker runs, it is busy.
+        deadline = time.monotonic() + 30
+        while not _archive_workers("unpack"):
+            assert time.monotonic() < deadline, "no restore worker started"
+            time.sleep(0.02)
+        for attempt in (
+            lambda: client.create_export("target"),
+            lambda: client.remove_volume("target", force=True),
+        ):
+            with pytest.raises(errors.InUse, match="is being restored"):
+                attempt()
+        other = client.create_export("other")  # another volume is not held up
+        client.remove_export(other["id"])
+        os.write(write_end, source.read_bytes()[512:])
+    finally:
+        os.close(write_end)
+        worker.join(timeout=60)
+        os.close(read_end)
+    assert answers and isinstance(answers[0], dict)
+    export = daemon.client().create_export("target")  # free again
+    daemon.client().remove_export(export["id"])
+
+
+def _archive_workers(mode: str) -> list[int]:
+    """Pids of running archive workers in ``mode`` (pack or unpack)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"volumed.archive_worker" in args and mode.encode() in args:
+            found.append(int(entry))
+    return found
 
 
 def _closed_by_the_other_side(read_end: int) -> bool:

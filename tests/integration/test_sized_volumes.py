@@ -225,7 +225,15 @@ def test_an_image_still_in_use_elsewhere_is_mounted_from_its_own_loop_device(
     ok(daemon, "create", "shared", "--size", "16M")
     directory = _named(daemon, "shared")
     holder = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", f"cd {directory} && sleep 600"]
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"cd {directory} && exec sleep 600",
+        ]
     )
     try:
         subprocess.run(
@@ -249,3 +257,40 @@ def test_an_image_still_in_use_elsewhere_is_mounted_from_its_own_loop_device(
         holder.kill()
         holder.wait()
         assert daemon.stop() == 0
+
+
+def test_resize_refuses_an_image_mounted_elsewhere(daemon: Daemon) -> None:
+    """A filesystem another mount namespace still uses is live: never checked or resized."""
+    ok(daemon, "create", "held", "--size", "16M")
+    directory = _named(daemon, "held")
+    (directory / "kept").write_text("kept")
+    holder = subprocess.Popen(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"cd {directory} && exec sleep 600",
+        ]
+    )
+    try:
+        subprocess.run(
+            [
+                "sh",
+                "-c",
+                f"while ! grep -q {directory} /proc/{holder.pid}/mountinfo; do sleep 0.05; done",
+            ],
+            check=True,
+            timeout=30,
+        )
+        refused = boxvol(daemon, "resize", "held", "--size", "32M")
+        assert refused.returncode == 1 and "still in use by another process" in refused.stderr
+        assert mounted_at(str(directory)) and (directory / "kept").read_text() == "kept"
+        [inspected] = json.loads(ok(daemon, "inspect", "held"))
+        assert inspected["size_bytes"] == 16 << 20
+    finally:
+        holder.kill()
+        holder.wait()
+    assert ok(daemon, "resize", "held", "--size", "32M") == "held 32M\n"
