@@ -9,11 +9,11 @@ STAMP := .stamps
 # hyperfine for the CLI start-up benchmark, systemd for `systemd-analyze verify` of our units,
 # fio for the FUSE benchmark, e2fsprogs and util-linux (mkfs.ext4, fsfreeze) for FUSE tests;
 # QEMU's virtiofsd, libvirt, and a Debian kernel + busybox for the test guest (guest/).
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config libvirt-dev gcc python3-dev podman hyperfine systemd \
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config libvirt-dev gcc python3-dev podman hyperfine systemd debootstrap \
 	fio e2fsprogs util-linux qemu-system-common qemu-system-x86 qemu-utils \
 	libvirt-daemon-system linux-image-amd64 busybox-static cpio
 
-.PHONY: setup services test lint typecheck unit integration demo bench openapi clean
+.PHONY: setup services test lint typecheck unit integration demo bench openapi install clean
 
 setup: $(STAMP)/venv
 
@@ -65,6 +65,15 @@ bench: setup
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/fuse.py
 	$(BIN)/python bench/virtiofs.py
+	$(BIN)/python bench/storage.py
+
+# The operator's install (docs/operator.md): a virtual environment in $(PREFIX), the package,
+# then boxvol-install (units, the boxvol group, an example config, /usr/local/bin links).
+PREFIX ?= /opt/boxvol
+install:
+	$(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install -q .
+	$(PREFIX)/bin/boxvol-install
 
 openapi: setup
 	$(BIN)/python -m volumed.openapi --write docs/openapi.json

@@ -513,6 +513,79 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     return daemon.run(args)
 
 
+def _duration(seconds: float) -> str:
+    """``3d 4h``, ``2h 05m``, ``7m 12s``, ``42s``: an uptime at a glance."""
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    """Show boxvold's version, uptime, volume and export counts, restarts and the room left
+    in its home, one line each."""
+    from volumed.sizes import format_size
+
+    status = _client().system_status()
+    if args.format == "json":
+        json.dump(status, out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    volumes, restarts, host, reserve = (
+        status["volumes"],
+        status["restarts"],
+        status["host"],
+        status["reserve"],
+    )
+    exports: dict[str, int] = {}
+    unserved = 0
+    for entry in status["exports"]:
+        exports[entry["kind"]] = exports.get(entry["kind"], 0) + entry["count"]
+        if entry["state"] != "serving":
+            unserved += entry["count"]
+    rows = [
+        ["version", f"{status['version']} (API {status['api_version']})"],
+        [
+            "uptime",
+            f"{_duration(status['uptime_seconds'])} (since "
+            f"{_short_time(status['started_at'])} UTC)",
+        ],
+        [
+            "volumes",
+            f"{sum(volumes.values())} (named {volumes.get('named', 0)}, "
+            f"anonymous {volumes.get('anonymous', 0)})",
+        ],
+        [
+            "exports",
+            f"{sum(exports.values())} (fuse {exports.get('fuse', 0)}, virtiofs "
+            f"{exports.get('virtiofs', 0)}; {unserved} not served)",
+        ],
+        [
+            "restarts",
+            f"export servers {restarts['fuse_server']}, virtiofsd {restarts['virtiofsd']}",
+        ],
+        [
+            "home free",
+            f"{format_size(host['free_bytes'])} of {format_size(host['total_bytes'])}, "
+            f"{host['free_inodes']} of {host['total_inodes']} inodes",
+        ],
+        [
+            "reserve",
+            f"{format_size(reserve['present_bytes'])} held of "
+            f"{format_size(reserve['target_bytes'])}",
+        ],
+    ]
+    print_table(rows, ["ITEM", "VALUE"], out)
+    return EXIT_OK
+
+
 def cmd_version(args: argparse.Namespace, out: TextIO) -> int:
     """Print client and daemon versions."""
     from volumed import __version__
@@ -658,6 +731,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "vm", help="attach volumes to VMs: prepare, attach, detach, ls, watch", add_help=False
     )
+
+    p = sub.add_parser("status", help="boxvold's uptime, counts, restarts and free space")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("version", help="client and daemon versions")
     p.set_defaults(func=cmd_version)

@@ -17,8 +17,17 @@ VENV_BIN = REPO / ".venv" / "bin"
 class Daemon:
     """A boxvold subprocess and how to reach it."""
 
-    def __init__(self, home: Path, runtime_dir: Path, log: Path | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        runtime_dir: Path,
+        log: Path | None = None,
+        *,
+        wrapper: tuple[str, ...] = (),
+    ) -> None:
         self.home = home
+        #: A command boxvold runs under (it must exec boxvold: the pid stays boxvold's).
+        self.wrapper = wrapper
         self.runtime_dir = runtime_dir
         self.socket = runtime_dir / "boxvold.sock"
         self.log = log or home.parent / "boxvold.log"
@@ -40,6 +49,7 @@ class Daemon:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [
+                    *self.wrapper,
                     str(VENV_BIN / "boxvold"),
                     "--home",
                     str(self.home),
@@ -49,6 +59,9 @@ class Daemon:
                 ],
                 stdout=log,
                 stderr=log,
+                # No host config file leaks into a test (/dev/null: every setting at its
+                # default); a test gives its own with --config.
+                env={**os.environ, "BOXVOL_CONFIG": os.environ.get("BOXVOL_CONFIG", os.devnull)},
             )
         deadline = time.monotonic() + 30
         while True:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -24,10 +25,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from volumed import API_VERSION, __version__, errors
 from volumed.archive_jobs import ArchiveJobs
+from volumed.audit import AuditMiddleware
 from volumed.export_manager import ExportManager
 from volumed.exports import ExportPolicy, VirtiofsTarget
 from volumed.gc import reclaimed_bytes
 from volumed.http_server import PASSED_FD, PassedFd, ServerLimits, server_bounds_text
+from volumed.metrics import CONTENT_TYPE, LatencyMiddleware, Metrics, Snapshot, route_template
 from volumed.model import KINDS, ListFilter, Volume
 from volumed.names import MAX_LABEL_FILTERS, parse_label
 from volumed.schemas import (
@@ -54,6 +57,7 @@ from volumed.schemas import (
     ResizeVolume,
     RestoreReport,
     RestoreVolume,
+    SystemStatus,
     Version,
     VirtiofsConsumer,
     VolumeList,
@@ -85,6 +89,12 @@ class Service:
     archives: ArchiveJobs
     #: The last df, shared by the requests that come while it is fresh or being measured.
     usage: UsageCache
+    #: The app's Prometheus metrics (``GET /metrics``).
+    metrics: Metrics
+    #: When the service started: Unix time (reported) and trio-independent monotonic time
+    #: (for the uptime).
+    started_at: float
+    _started_monotonic: float
 
     def __init__(
         self,
@@ -99,6 +109,34 @@ class Service:
         self.exports = exports(self.writer)
         self.archives = ArchiveJobs(store, self.exports, self.writer)
         self.usage = UsageCache(functools.partial(_disk_usage, store))
+        self.metrics = Metrics()
+        self.started_at = time.time()
+        self._started_monotonic = time.monotonic()
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since the service started."""
+        return time.monotonic() - self._started_monotonic
+
+    async def snapshot(self, *, usage: bool) -> Snapshot:
+        """The daemon's state now, for status and metrics; with ``usage``, the bytes and
+        inodes volumes use (the df walk, shared and reused for 2 s: ``UsageCache``). The
+        registry and statvfs are read in worker threads: the loop never touches the disk."""
+        used: dict[str, Any] | None = None
+        if usage:
+            by_kind = (await self.usage.get())["by_kind"]
+            used = {kind: by_kind[kind] for kind in KINDS}
+        counts = await self.read(self.store.registry.count_by_kind)
+        space = await self.read(_space, self.store)
+        return Snapshot(
+            started_at=self.started_at,
+            volumes={kind: counts.get(kind, 0) for kind in KINDS},
+            exports=self.exports.counts(),
+            restarts=self.exports.restarts(),
+            host=space["host"],
+            reserve=space["reserve"],
+            used=used,
+        )
 
     async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a mutating store call in a worker thread."""
@@ -352,6 +390,10 @@ def create_app(service: Service) -> FastAPI:
         responses=_ERROR_RESPONSES,
     )
     store = service.store
+    # Added last runs first: latency covers the audit line too. Both see the route the
+    # router chose (scope["route"]) once the app returns.
+    app.add_middleware(AuditMiddleware, route_of=route_template)
+    app.add_middleware(LatencyMiddleware, metrics=service.metrics)
 
     @app.exception_handler(errors.BoxvolError)
     async def _domain_error(request: Request, exc: errors.BoxvolError) -> Response:
@@ -446,7 +488,8 @@ def create_app(service: Service) -> FastAPI:
         virtiofsd boxvold spawns, supervises and stops). The volume is then in use."""
         check_query(request, ())
         owner = None if body.owner is None else (body.owner.uid, body.owner.gid)
-        policy = ExportPolicy(read_only=body.read_only, owner=owner, cache=body.cache)
+        cache = body.cache or service.exports.default_cache
+        policy = ExportPolicy(read_only=body.read_only, owner=owner, cache=cache)
         target, label = _export_target(body)
         live = await service.exports.create(body.volume, policy, label, target)
         return json_response(live.to_json(), 201)
@@ -519,6 +562,20 @@ def create_app(service: Service) -> FastAPI:
                 "reconciled": [dataclasses.asdict(a) for a in service.reconciled],
             }
         )
+
+    @app.get("/v1/system/status", response_model=SystemStatus)
+    async def system_status(request: Request) -> Response:
+        """Version, uptime, volumes by kind, exports by kind and state, restarts, room on
+        the home's filesystem and the reserve: ``boxvol status``. Cheap: no usage walk."""
+        check_query(request, ())
+        return json_response(status_json(service, await service.snapshot(usage=False)))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics (text format 0.0.4); docs/api.md lists them."""
+        check_query(request, ())
+        snapshot = await service.snapshot(usage=True)
+        return Response(content=service.metrics.render(snapshot), media_type=CONTENT_TYPE)
 
     @app.get("/v1/version", response_model=Version)
     async def version(request: Request) -> Response:
@@ -634,6 +691,24 @@ def _disk_usage(store: VolumeStore) -> dict[str, Any]:
         "totals": _totals(rows),
         "by_kind": {kind: _totals([r for r in rows if r["kind"] == kind]) for kind in KINDS},
         **_space(store),
+    }
+
+
+def status_json(service: Service, snapshot: Snapshot) -> dict[str, Any]:
+    """The answer of ``/v1/system/status`` (matches ``SystemStatus``)."""
+    return {
+        "version": __version__,
+        "api_version": API_VERSION,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snapshot.started_at)),
+        "uptime_seconds": round(service.uptime, 3),
+        "volumes": dict(snapshot.volumes),
+        "exports": [
+            {"kind": kind, "state": state, "count": count}
+            for (kind, state), count in sorted(snapshot.exports.items())
+        ],
+        "restarts": dict(snapshot.restarts),
+        "host": dict(snapshot.host),
+        "reserve": dict(snapshot.reserve),
     }
 
 

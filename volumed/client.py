@@ -80,6 +80,18 @@ def parse_response(raw: bytes) -> tuple[int, bytes]:
     return int(parts[1]), body
 
 
+def _socket_group(path: str) -> str:
+    """ "group 'NAME'", the group that owns the API socket, for a permission error."""
+    import grp
+    import os
+
+    try:
+        gid = os.stat(path).st_gid
+        return f"group {grp.getgrgid(gid).gr_name!r}"
+    except (OSError, KeyError):
+        return "the socket's group"
+
+
 class Client:
     """Talks to one boxvold over its unix socket; every call raises BoxvolError subclasses
     rebuilt from the daemon's ``{"error": {"code", "message"}}`` answers."""
@@ -129,7 +141,8 @@ class Client:
             except PermissionError:
                 raise DaemonUnavailable(
                     f"permission denied on {self.socket_path}; run as root or as a member of "
-                    "the socket's group"
+                    f"{_socket_group(self.socket_path)} (an administrator adds you with "
+                    "'usermod -aG GROUP USER'; log in again afterwards)"
                 ) from None
             if fd is None:
                 sock.sendall(request)
@@ -304,6 +317,11 @@ class Client:
     def disk_usage(self) -> dict[str, Any]:
         """Per-volume usage, totals and host free space."""
         result: dict[str, Any] = self.request("GET", "/v1/system/df")
+        return result
+
+    def system_status(self) -> dict[str, Any]:
+        """Version, uptime, counts, restarts and room left (``boxvol status``)."""
+        result: dict[str, Any] = self.request("GET", "/v1/system/status")
         return result
 
     def health(self) -> dict[str, Any]:

@@ -19,18 +19,23 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import trio
 
-from volumed import __version__, errors, locations
+from volumed import __version__, errors, host_namespace, locations
+from volumed.activation import inherited_listener
 from volumed.api import Service, create_app, takes_passed_fd
-from volumed.daemon_options import add_daemon_options, default_vhost_group, resolve_dirs
+from volumed.config import Config, config_path, parse, read_file, resolve
+from volumed.daemon_options import add_daemon_options, default_vhost_group
 from volumed.export_manager import ExportManager
+from volumed.exports import DEFAULT_CACHE
 from volumed.http_server import HttpServer, ServerLimits
+from volumed.reload import apply_live, serve_reloads
 from volumed.reserve import DEFAULT_RESERVE_BYTES
 from volumed.store import VolumeStore
 from volumed.unix_sockets import bind_private, check_socket_path
+from volumed.virtiofsd import find_virtiofsd
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,50 @@ class DaemonConfig:
     limits: ServerLimits = dataclasses.field(default_factory=ServerLimits)
     #: Bytes kept preallocated in the home for recovering a full disk (volumed.reserve).
     reserve_bytes: int = DEFAULT_RESERVE_BYTES
+    log_level: str = "INFO"
+    #: The virtiofsd binary; None lets boxvold pick one.
+    virtiofsd: str | None = None
+    #: virtiofsd's --cache for new virtio-fs exports.
+    virtiofsd_cache: str = "auto"
+    #: Cache mode of new exports whose request names none.
+    export_cache: str = DEFAULT_CACHE
+    #: Re-reads the settings (config file, same options and environment) at SIGHUP; None:
+    #: no reloads (a daemon served in-process by tests).
+    reload: Callable[[], Config] | None = dataclasses.field(default=None, compare=False)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Config, reload: Callable[[], Config] | None = None
+    ) -> DaemonConfig:
+        """The daemon configuration of resolved ``settings`` (``config.resolve``)."""
+        assert settings.home is not None and settings.runtime_dir is not None
+        return cls(
+            home=settings.home,
+            runtime_dir=settings.runtime_dir,
+            socket_group=settings.socket_group,
+            vhost_group=settings.vhost_group,
+            reserve_bytes=settings.reserve_bytes,
+            log_level=settings.log_level,
+            virtiofsd=settings.virtiofsd,
+            virtiofsd_cache=settings.virtiofsd_cache,
+            export_cache=settings.export_cache,
+            reload=reload,
+        )
+
+    @property
+    def settings(self) -> Config:
+        """The settings this configuration was made of (what a reload compares against)."""
+        return Config(
+            home=self.home,
+            runtime_dir=self.runtime_dir,
+            socket_group=self.socket_group,
+            vhost_group=self.vhost_group,
+            log_level=self.log_level,
+            reserve_bytes=self.reserve_bytes,
+            virtiofsd=self.virtiofsd,
+            virtiofsd_cache=self.virtiofsd_cache,
+            export_cache=self.export_cache,
+        )
 
     @property
     def socket_path(self) -> str:
@@ -139,6 +188,8 @@ async def serve_boxvold(
         os.makedirs(config.home, mode=0o700, exist_ok=True)
         os.makedirs(config.runtime_dir, mode=RUNTIME_DIR_MODE, exist_ok=True)
         stack.enter_context(hold_home_lock(config.home))
+        # Decided (and logged) once, before the first mount: see volumed.host_namespace.
+        await trio.to_thread.run_sync(host_namespace.command_prefix)
         store = await trio.to_thread.run_sync(
             functools.partial(VolumeStore.open, config.home, reserve_bytes=config.reserve_bytes)
         )
@@ -150,11 +201,21 @@ async def serve_boxvold(
         service = Service(
             store,
             reconciled,
-            lambda writer: ExportManager(store, config.runtime_dir, writer, vhost_gid=vhost_gid),
+            lambda writer: ExportManager(
+                store,
+                config.runtime_dir,
+                writer,
+                vhost_gid=vhost_gid,
+                virtiofsd=functools.partial(find_virtiofsd, config.virtiofsd),
+            ),
         )
+        apply_live(service, config.settings)
 
-        listener = bind_api_socket(config.socket_path, config.socket_group)
-        stack.callback(_unlink_quietly, config.socket_path)
+        listener = inherited_listener(config.socket_path)
+        if listener is None:
+            listener = bind_api_socket(config.socket_path, config.socket_group)
+            stack.callback(_unlink_quietly, config.socket_path)
+        # else: systemd's boxvold.socket owns the path and keeps listening after we stop.
         stack.callback(listener.close)
 
         server = HttpServer(
@@ -165,6 +226,8 @@ async def serve_boxvold(
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(service.exports.serve)
+            if config.reload is not None:
+                await nursery.start(serve_reloads, service, config.settings, config.reload)
             await nursery.start(server.serve, listener)
             log.info(
                 "boxvold serving version=%s socket=%s home=%s volumes=%d reconciled=%d",
@@ -249,26 +312,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_settings(args: argparse.Namespace) -> Config:
+    """Blocking: the settings in force: each from the command line, else the environment,
+    else the config file (``--config``, BOXVOL_CONFIG or /etc/boxvol/boxvold.toml), else the
+    default. Raises InvalidArgument naming the file, key and reason of a bad setting."""
+    env = os.environ
+    path, explicit = config_path(args.config, env)
+    file_values = parse(read_file(path, explicit=explicit), path)
+    settings = resolve(file_values, env, vars(args), os.geteuid())
+    if settings.vhost_group is None:
+        settings = dataclasses.replace(settings, vhost_group=default_vhost_group())
+    return settings
+
+
 def config_from_args(args: argparse.Namespace) -> DaemonConfig:
-    """The daemon configuration the parsed options ask for."""
-    home, runtime_dir = resolve_dirs(args)
-    return DaemonConfig(
-        home=home,
-        runtime_dir=runtime_dir,
-        socket_group=args.socket_group,
-        vhost_group=args.vhost_group or default_vhost_group(),
-        reserve_bytes=args.reserve_size,
+    """The daemon configuration the parsed options and the config file ask for; it re-reads
+    them (``reload``) on SIGHUP."""
+    return DaemonConfig.from_settings(
+        load_settings(args), reload=functools.partial(load_settings, args)
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the daemon in the foreground; returns the process exit code."""
+    """Run the daemon in the foreground; returns the process exit code (2: a bad setting,
+    whose one-line message names the file, key and reason)."""
+    try:
+        config = config_from_args(args)
+    except errors.InvalidArgument as refused:
+        sys.stderr.write(f"{refused.message}\n")
+        return errors.EXIT_USAGE
     logging.basicConfig(
-        level=args.log_level,
+        level=config.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    config = config_from_args(args)
+    log.debug("config in force: %s", config.settings)
     failed = False
     try:
         trio.run(_run_until_signalled, config)

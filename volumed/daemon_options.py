@@ -1,18 +1,25 @@
 """The daemon's command-line options, apart from the daemon so ``boxvol`` can offer
-``serve`` without importing trio and the HTTP stack on every run."""
+``serve`` without importing trio and the HTTP stack on every run.
+
+An option left out is None: the environment, then the config file, then the built-in default
+decide (``volumed.config.resolve``); so no option here has a default of its own.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
-
-from volumed import locations
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def add_daemon_options(parser: argparse.ArgumentParser) -> None:
     """Add boxvold's options to ``parser`` (shared by ``boxvold`` and ``boxvol serve``)."""
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: BOXVOL_CONFIG, else /etc/boxvol/boxvold.toml if it "
+        "exists); options and BOXVOL_* variables take precedence over it",
+    )
     parser.add_argument(
         "--home",
         help="home directory (default: /var/lib/boxvol as root, "
@@ -29,13 +36,10 @@ def add_daemon_options(parser: argparse.ArgumentParser) -> None:
         help="group QEMU runs with; owns the vhost-user sockets of virtio-fs exports "
         "(default: kvm if it exists)",
     )
-    parser.add_argument(
-        "--log-level", default=os.environ.get("BOXVOL_LOG_LEVEL", "INFO"), choices=LOG_LEVELS
-    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="default INFO, or BOXVOL_LOG_LEVEL")
     parser.add_argument(
         "--reserve-size",
         type=_reserve_size,
-        default=os.environ.get("BOXVOL_RESERVE_SIZE", "64M"),
         help="space kept preallocated in the home and released on a full disk with "
         "'boxvol reserve-release' (default 64M, or BOXVOL_RESERVE_SIZE; 0: none)",
     )
@@ -49,14 +53,6 @@ def _reserve_size(text: str) -> int:
         return parse_bytes(text)
     except InvalidArgument as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
-
-
-def resolve_dirs(args: argparse.Namespace) -> tuple[str, str]:
-    """Absolute home and runtime directory the parsed options ask for."""
-    env, euid = os.environ, os.geteuid()
-    home = args.home or locations.default_home(env, euid)
-    runtime_dir = args.runtime_dir or locations.default_runtime_dir(env, euid)
-    return os.path.abspath(home), os.path.abspath(runtime_dir)
 
 
 def default_vhost_group() -> str | None:

@@ -29,6 +29,7 @@ from ulid import ULID
 from volumed.errors import BoxvolError, Conflict, ForeignMount, NotFound
 from volumed.export_server import FuseServerSupervisor, kill_and_wait, stop_orphans
 from volumed.exports import (
+    DEFAULT_CACHE,
     Export,
     ExportPolicy,
     VirtiofsTarget,
@@ -40,6 +41,7 @@ from volumed.fs.fuse_mount import detach, mounts_under
 from volumed.gate import open_volume_directory, volume_directory
 from volumed.gc import Finding, FindingKind, is_ours, virtiofsd_source
 from volumed.model import Volume
+from volumed.stop_policy import ExportUse, StopPolicy
 from volumed.store import VolumeStore, utc_now
 from volumed.vhost import VhostSupervisor
 from volumed.virtiofsd import Virtiofsd, find_virtiofsd
@@ -49,6 +51,8 @@ T = TypeVar("T")
 VHOST_DIR_MODE = 0o750
 #: Others may enter an export whose id they know, not list the exports.
 MOUNT_ROOT_MODE = 0o711
+#: What ``ExportManager.counts`` sorts exports by.
+EXPORT_STATES = ("serving", "unserved")
 
 
 @dataclasses.dataclass(slots=True)
@@ -109,8 +113,18 @@ class ExportManager:
         #: view nor a virtiofsd. ``remove`` still drops their rows.
         self._unserved: dict[str, LiveExport] = {}
         self._nursery: trio.Nursery | None = None
+        #: Cache mode of a new export whose request names none (config ``export_cache``;
+        #: a SIGHUP may change it).
+        self.default_cache = DEFAULT_CACHE
+        #: virtiofsd's ``--cache`` for the virtiofsd of a new export (``virtiofsd_cache``).
+        self.virtiofsd_cache = "auto"
+        #: Restarts of the servers of exports removed since boxvold started, so that the
+        #: totals ``restarts`` reports never go down.
+        self._removed_restarts = {"fuse_server": 0, "virtiofsd": 0}
         #: Export creation and removal (and forced volume removal) happen one at a time.
         self.lock = trio.Lock()
+        #: Which exports keep serving when boxvold stops: those in use.
+        self.stop_policy = StopPolicy(self._uses)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host the export servers and virtiofsd supervisors until cancelled; clears the
@@ -149,6 +163,7 @@ class ExportManager:
                 ),
                 state_dir=self.servers_dir,
                 on_restart=rearm_virtiofsd,
+                keep_at_stop=functools.partial(self.stop_policy.keeps, export.id),
             )
             assert self._nursery is not None
             await self._nursery.start(live.server.serve)
@@ -189,13 +204,33 @@ class ExportManager:
             export.id,
             socket_path=os.path.join(self.vhost_dir, f"{export.id}.sock"),
             source=source,
-            virtiofsd=self._virtiofsd,
+            virtiofsd=dataclasses.replace(self._virtiofsd, cache=self.virtiofsd_cache),
             gid=self.vhost_gid,
             keep_on_shutdown=fuse_view is None,
             source_survived=source_survived,
+            keep_at_stop=functools.partial(self.stop_policy.keeps, export.id),
         )
         await self._nursery.start(supervisor.serve)
         return supervisor
+
+    def _uses(self) -> builtins.list[ExportUse]:
+        """What the stop policy needs of every live export."""
+        return [
+            ExportUse(
+                export_id=export_id,
+                mountpoint=live.mountpoint,
+                socket=live.supervisor.socket_path if live.supervisor else None,
+                own_pids=frozenset(
+                    pid
+                    for pid in (
+                        live.server.pid if live.server else None,
+                        live.supervisor.pid if live.supervisor else None,
+                    )
+                    if pid
+                ),
+            )
+            for export_id, live in self._live.items()
+        ]
 
     def _prepare_mount_root(self) -> None:
         os.makedirs(self.servers_dir, mode=0o700, exist_ok=True)
@@ -340,6 +375,26 @@ class ExportManager:
             and (vm is None or (live.export.virtiofs is not None and live.export.virtiofs.vm == vm))
         ]
 
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Exports by (kind, state): ``serving``, or ``unserved`` (kept but not served: a
+        foreign mount on its volume at start). Every kind and state is present."""
+        found = {(kind, state): 0 for kind in ("fuse", "virtiofs") for state in EXPORT_STATES}
+        for state, exports in (("serving", self._live), ("unserved", self._unserved)):
+            for live in exports.values():
+                found[live.export.kind, state] += 1
+        return found
+
+    def restarts(self) -> dict[str, int]:
+        """Restarts since boxvold started of the export servers (``fuse_server``) and of
+        virtiofsd (``virtiofsd``) boxvold supervises; they only grow."""
+        total = dict(self._removed_restarts)
+        for live in self._live.values():
+            if live.server is not None:
+                total["fuse_server"] += live.server.restarts
+            if live.supervisor is not None:
+                total["virtiofsd"] += live.supervisor.restarts
+        return total
+
     async def collect_garbage(self, *, dry_run: bool) -> builtins.list[Finding]:
         """Find (and unless ``dry_run`` reclaim) what boxvol created and lost track of: the
         home's leftovers (``VolumeStore.collect_garbage``) and the runtime's (sockets,
@@ -432,8 +487,10 @@ class ExportManager:
         self._live.pop(live.export.id, None)
         if live.supervisor is not None:
             await live.supervisor.stop()
+            self._removed_restarts["virtiofsd"] += live.supervisor.restarts
         if live.server is not None:
             await live.server.stop()
+            self._removed_restarts["fuse_server"] += live.server.restarts
         await self._thread(self.store.registry.remove_export, live.export.id)
         log.info("export removed id=%s volume=%s", live.export.id, live.volume.key)
         return live

@@ -68,8 +68,12 @@ class FuseServerSupervisor:
         open_root: Callable[[], tuple[int, os.stat_result]],
         state_dir: str,
         on_restart: Callable[[], Awaitable[None]] | None = None,
+        keep_at_stop: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.export = export
+        #: Asked when boxvold stops (not when the export is removed): True leaves the server
+        #: serving, for the next boxvold to re-adopt (``volumed.stop_policy``).
+        self.keep_at_stop = keep_at_stop
         self.mountpoint = mountpoint
         #: Opens the volume's directory through the gate (blocking; run in a thread).
         self.open_root = open_root
@@ -168,8 +172,9 @@ class FuseServerSupervisor:
             await trio.lowlevel.wait_readable(pidfd)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(kill_and_wait, pid)
-                await trio.to_thread.run_sync(detach, self.mountpoint)
+                if not await self._kept():
+                    await trio.to_thread.run_sync(kill_and_wait, pid)
+                    await trio.to_thread.run_sync(detach, self.mountpoint)
             raise
         finally:
             os.close(pidfd)
@@ -229,11 +234,23 @@ class FuseServerSupervisor:
                 await self.on_restart()
             return await process.wait()
         except BaseException:
-            await self._gone(process)
+            with trio.CancelScope(shield=True):
+                kept = await self._kept()
+            if not kept:
+                await self._gone(process)
             raise
         finally:
             if process.returncode is not None:
                 self.pid = None
+
+    async def _kept(self) -> bool:
+        """At boxvold's stop (not the export's removal): whether the server keeps serving."""
+        if self._stopping or self.keep_at_stop is None:
+            return False
+        if await self.keep_at_stop():
+            log.info("export server left serving export=%s pid=%s", self.export.id, self.pid)
+            return True
+        return False
 
     async def _gone(self, process: trio.Process) -> None:
         """The server stopped (terminated if it still runs) and its mount detached."""

@@ -29,6 +29,10 @@ from ``scope["extensions"][PASSED_FD]`` (``PassedFd.take``); one it does not tak
 when the request ends. A request carrying an fd skips the queue for the app (it may run for
 minutes; the API bounds such work itself), like the ``unqueued`` paths.
 
+Who is asking: the peer's pid, uid and gid (``SO_PEERCRED``, read once as a connection is
+accepted) go into every request's scope under ``PEER_CREDENTIALS``, for the audit log
+(``volumed.audit``).
+
 Errors the server answers itself use the API's one error shape (``errors.error_body``). HTTP
 parsing is h11's; routing and validation are the app's. Must not import pyfuse3.
 """
@@ -42,6 +46,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -73,6 +78,28 @@ LINGER_SECONDS = 1.0
 _ANCILLARY_BYTES = socket.CMSG_SPACE(2 * array.array("i").itemsize)
 #: The ASGI scope extension under which a request's passed fd (a ``PassedFd``) waits.
 PASSED_FD = "boxvol.passed_fd"
+#: The ASGI scope extension holding the connection's ``PeerCredentials``.
+PEER_CREDENTIALS = "boxvol.peer_credentials"
+_UCRED = struct.Struct("3i")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """Who is at the other end of an API connection: SO_PEERCRED, which the kernel fills in
+    when the client connects (a client cannot claim another's)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> PeerCredentials | None:
+    """The credentials of a unix socket's peer; None if the kernel has none to give."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return None
+    return PeerCredentials(*_UCRED.unpack(raw))
 
 
 class PassedFd:
@@ -150,10 +177,16 @@ class _Refusal(Exception):
 class _Connection:
     """One client: its stream and HTTP state, and whether it waits for a request."""
 
-    __slots__ = ("fds", "fds_cut", "http", "scope", "stream")
+    __slots__ = ("fds", "fds_cut", "http", "peer", "scope", "stream")
 
-    def __init__(self, stream: trio.SocketStream, limits: ServerLimits) -> None:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        limits: ServerLimits,
+        peer: PeerCredentials | None = None,
+    ) -> None:
         self.stream = stream
+        self.peer = peer
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
         self.scope = trio.CancelScope()
         #: Fds received with the current request (SCM_RIGHTS), and whether the kernel had
@@ -229,7 +262,7 @@ class HttpServer:
                 if len(self._connections) >= self.limits.max_connections and not self._evict():
                     nursery.start_soon(self._refuse_busy, stream)
                     continue
-                connection = _Connection(stream, self.limits)
+                connection = _Connection(stream, self.limits, peer_credentials(accepted))
                 self._connections.add(connection)
                 nursery.start_soon(self._serve_connection, connection)
 
@@ -454,6 +487,7 @@ class HttpServer:
             scope = _asgi_scope(request)
             if passed is not None:
                 scope["extensions"][PASSED_FD] = passed
+            scope["extensions"][PEER_CREDENTIALS] = connection.peer
             await self.app(scope, receive, send)
         except Exception:
             if answered:

@@ -5,7 +5,8 @@ whatever exports the volume (direct virtio-fs, a FUSE view). Images live in ``<h
 as ``<volume-id>.ext4``, never inside a volume. The image is made with ``mkfs.ext4``, checked
 with ``e2fsck -p`` before every mount (a no-op on a clean filesystem, a journal replay and
 repair after an unclean stop), mounted ``nosuid,nodev`` through a loop device that the kernel
-frees on unmount, and grown offline with ``resize2fs``.
+frees on unmount (in the host's mount namespace: ``volumed.host_namespace``), and grown
+offline with ``resize2fs``.
 
 ``ImageMounts`` is also the set of mounts boxvold made at volume directories, by mount id:
 the gate accepts exactly those (``gate.NO_OWN_MOUNTS`` describes the seam) and refuses to
@@ -26,6 +27,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from volumed.errors import DiskFull, ImageUnavailable, InUse, StorageError
+from volumed.host_namespace import command_prefix
 from volumed.locations import Layout
 from volumed.model import Volume
 from volumed.mounts import MountEntry, fdinfo_mount_id, parse_mountinfo
@@ -217,12 +219,25 @@ class ImageMounts:
         """Mount ``source`` (the image, through a new loop device; or a loop device already
         attached to it) at ``directory`` and remember the mount's id."""
         options = MOUNT_OPTIONS if not source.startswith("/dev/") else NO_LOOP_OPTIONS
-        _run(["mount", "-t", "ext4", "-o", options, source, directory], "mount the image")
+        _run(
+            [*command_prefix(), "mount", "-t", "ext4", "-o", options, source, directory],
+            "mount the image",
+        )
         fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        parent = os.open(os.path.dirname(directory), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            mount_id = _fd_mount_id(fd)
+            mount_id, parent_id = _fd_mount_id(fd), _fd_mount_id(parent)
         finally:
             os.close(fd)
+            os.close(parent)
+        if mount_id == parent_id:
+            # Mounted in the host's namespace, but it did not propagate into ours: never
+            # record the bare directory as the image.
+            raise StorageError(
+                f"the image of volume {volume.key!r} was mounted in the host's mount namespace "
+                "but does not show in boxvold's: the host's mounts must propagate into "
+                "boxvold's namespace (systemd does this; mount --make-rshared / does it by hand)"
+            )
         with self._lock:
             self._ids[volume.id] = mount_id
         log.info("image mounted id=%s mount_id=%d", volume.id, mount_id)
@@ -231,7 +246,7 @@ class ImageMounts:
         """Unmount the volume's image (never lazily: a busy volume raises InUse and stays
         mounted); the loop device goes with it."""
         try:
-            _run(["umount", directory], "unmount the image")
+            _run([*command_prefix(), "umount", directory], "unmount the image")
         except StorageError as exc:
             if "busy" in exc.message:
                 raise InUse(

@@ -10,7 +10,7 @@ import os
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy honours the name
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
 SOCKET_NAME = "boxvold.sock"
 SYSTEM_HOME = "/var/lib/boxvol"
@@ -39,11 +39,26 @@ def default_runtime_dir(env: Mapping[str, str], euid: int) -> str:
     return os.path.join(runtime, "boxvol")
 
 
-def socket_path(env: Mapping[str, str], euid: int, runtime_dir: str | None = None) -> str:
-    """The API socket a client talks to: ``BOXVOL_SOCKET`` or ``<runtime>/boxvold.sock``."""
+def socket_path(
+    env: Mapping[str, str],
+    euid: int,
+    runtime_dir: str | None = None,
+    *,
+    exists: Callable[[str], bool] = os.path.exists,
+) -> str:
+    """The API socket a client talks to: ``BOXVOL_SOCKET`` or ``<runtime>/boxvold.sock``.
+
+    A user other than root without either variable set talks to their own boxvold if one
+    runs, else to the system's (``/run/boxvol/boxvold.sock``, for members of its group), as a
+    docker client does; with neither there, the user's path (so the error names it).
+    """
     if runtime_dir is None and env.get("BOXVOL_SOCKET"):
         return env["BOXVOL_SOCKET"]
-    return os.path.join(runtime_dir or default_runtime_dir(env, euid), SOCKET_NAME)
+    own = os.path.join(runtime_dir or default_runtime_dir(env, euid), SOCKET_NAME)
+    if runtime_dir is not None or euid == 0 or env.get("BOXVOL_RUNTIME_DIR") or exists(own):
+        return own
+    system = os.path.join(SYSTEM_RUNTIME_DIR, SOCKET_NAME)
+    return system if exists(system) else own
 
 
 class Layout:

@@ -261,6 +261,12 @@ class Registry:
         """How many volumes there are (from memory: never waits for the database)."""
         return int(self._count)
 
+    def count_by_kind(self) -> dict[str, int]:
+        """How many volumes of each kind there are (kinds without volumes are absent)."""
+        with self._lock:
+            rows = self._db.execute("SELECT kind, COUNT(*) FROM volumes GROUP BY kind").fetchall()
+        return {str(kind): int(count) for kind, count in rows}
+
     def select(self, where: ListFilter) -> list[tuple[Volume, int]]:
         """Volumes passing ``where`` with their live export counts, oldest first."""
         conditions, args = _where(where)

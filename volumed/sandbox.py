@@ -86,6 +86,9 @@ def enter_sandbox(root_fd: int) -> int:
         "move_mount",
     )
     os.close(tree)
+    # The clone is a peer of the volume's mount wherever that is shared (under systemd every
+    # mount is): pivot_root refuses a shared new root, and nothing here may propagate out.
+    _check(_libc.mount(None, _STAGING, None, _MS_REC | _MS_PRIVATE, None), "private volume")
     os.chdir(_STAGING)
     _check(_libc.syscall(_SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
     _check(_libc.umount2(b".", _MNT_DETACH), "detach the host's tree")

@@ -207,8 +207,10 @@ class CreateExport(Request):
         default=None,
         description="fuse: a free-form label; virtiofs: {vm, tag} (required).",
     )
-    cache: Literal["auto", "none", "always"] = Field(
-        default="auto", description="Kernel caching of the FUSE view (see docs/fuse.md)."
+    cache: Literal["auto", "none", "always"] | None = Field(
+        default=None,
+        description="Kernel caching of the FUSE view (see docs/fuse.md); default: the "
+        "daemon's export_cache setting (auto unless configured).",
     )
     via: Literal["direct", "fuse"] | None = Field(
         default=None,
@@ -476,6 +478,38 @@ class Version(BaseModel):
 
     version: str
     api_version: str
+
+
+class ExportCount(BaseModel):
+    """How many exports of one kind are in one state."""
+
+    kind: Literal["fuse", "virtiofs"]
+    state: Literal["serving", "unserved"] = Field(
+        description="serving, or unserved: kept but not served (a foreign mount on its "
+        "volume at start; docs/design.md)."
+    )
+    count: int
+
+
+class Restarts(BaseModel):
+    """Restarts since boxvold started (they only grow)."""
+
+    fuse_server: int = Field(description="Export servers (FUSE views) that died and restarted.")
+    virtiofsd: int = Field(description="virtiofsd processes that died and restarted.")
+
+
+class SystemStatus(BaseModel):
+    """Answer of ``/v1/system/status``: what ``boxvol status`` shows."""
+
+    version: str
+    api_version: str
+    started_at: str = Field(description="When boxvold started (RFC 3339 UTC).")
+    uptime_seconds: float
+    volumes: dict[Literal["named", "anonymous"], int]
+    exports: list[ExportCount]
+    restarts: Restarts
+    host: HostSpace
+    reserve: ReserveOut
 
 
 class ErrorBody(BaseModel):

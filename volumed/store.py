@@ -312,9 +312,7 @@ class VolumeStore:
         with self._busy_lock:
             current = self._busy.get(volume.id)
             if current is not None and not (shared and current[0] == what):
-                raise InUse(
-                    f"volume {volume.key!r} is {current[0]}; try again when that is done"
-                )
+                raise InUse(f"volume {volume.key!r} is {current[0]}; try again when that is done")
             self._busy[volume.id] = (what, (current[1] if current else 0) + 1)
         try:
             yield

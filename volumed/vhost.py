@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -100,15 +101,19 @@ class VhostSupervisor:
         gid: int | None,
         keep_on_shutdown: bool,
         source_survived: bool = False,
+        keep_at_stop: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.export_id = export_id
         self.socket_path = socket_path
         self.source = source
         self.virtiofsd = virtiofsd
         self.gid = gid
-        #: Leave virtiofsd serving when boxvold stops (True for direct exports, whose
-        #: source does not go away with boxvold).
+        #: True for direct exports, whose source does not go away with boxvold: a virtiofsd
+        #: left by a crashed boxvold is re-adopted as it is.
         self.keep_on_shutdown = keep_on_shutdown
+        #: Asked when boxvold stops (not when the export is removed): True leaves virtiofsd
+        #: serving, for the next boxvold to re-adopt (``volumed.stop_policy``).
+        self.keep_at_stop = keep_at_stop
         #: The FUSE view it serves outlived the previous boxvold (its server was re-adopted):
         #: a virtiofsd left on it is re-adopted as one on a volume is, its source intact.
         self.source_survived = source_survived
@@ -240,9 +245,10 @@ class VhostSupervisor:
             try:
                 await trio.lowlevel.wait_readable(pidfd)
             except BaseException:
-                # Kept when boxvold stops: one serving a volume directly (as ever), and one
-                # whose guest still holds a lost FUSE view (stopping it would hang the guest).
-                kept = self.keep_on_shutdown or self.source_lost
+                # Kept when boxvold stops: one in use (stop_policy), and one whose guest still
+                # holds a lost FUSE view (stopping it would hang the guest).
+                with trio.CancelScope(shield=True):
+                    kept = self.source_lost or await self._kept()
                 if self._stopping or not kept:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGTERM)
@@ -333,7 +339,9 @@ class VhostSupervisor:
         try:
             return await process.wait()
         except BaseException:
-            if self._stopping or not self.keep_on_shutdown:
+            with trio.CancelScope(shield=True):
+                kept = await self._kept()
+            if not kept:
                 await self._terminate(process)
             else:
                 log.info("virtiofsd left serving export=%s pid=%d", self.export_id, process.pid)
@@ -341,6 +349,12 @@ class VhostSupervisor:
         finally:
             if process.returncode is not None:
                 self.pid = None
+
+    async def _kept(self) -> bool:
+        """At boxvold's stop (not the export's removal): whether virtiofsd keeps serving."""
+        if self._stopping or self.keep_at_stop is None:
+            return False
+        return await self.keep_at_stop()
 
     async def _terminate(self, process: trio.Process) -> None:
         with trio.move_on_after(STOP_GRACE, shield=True) as grace:

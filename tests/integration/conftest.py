@@ -36,8 +36,8 @@ def daemon(home: Path, runtime_dir: Path) -> Iterator[Daemon]:
         yield daemon
     finally:
         if daemon.process is not None:
-            # A virtiofsd serving a volume directly outlives boxvold by design; a test leaves
-            # nothing behind, so its exports go first.
+            # An export in use outlives a clean stop by design (volumed.stop_policy); a test
+            # leaves nothing behind, so its exports go first.
             client = daemon.client()
             for export in client.list_exports():
                 client.remove_export(export["id"])

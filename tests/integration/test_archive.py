@@ -11,6 +11,7 @@ import socket
 import subprocess
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -225,10 +226,11 @@ def test_a_volume_being_restored_is_busy_and_others_are_not_held_up(
         while not _archive_workers("unpack"):
             assert time.monotonic() < deadline, "no restore worker started"
             time.sleep(0.02)
-        for attempt in (
+        attempts: list[Callable[[], object]] = [
             lambda: client.create_export("target"),
             lambda: client.remove_volume("target", force=True),
-        ):
+        ]
+        for attempt in attempts:
             with pytest.raises(errors.InUse, match="is being restored"):
                 attempt()
         other = client.create_export("other")  # another volume is not held up

@@ -546,19 +546,20 @@ def test_exports_keep_serving_through_a_boxvold_crash_and_restart(
     ex = Export(daemon, "data")
     (ex.path / "f").write_text("survives")
     server = daemon.client().get_export(ex.id)["server"]["pid"]
-    with open(ex.path / "f") as held:  # a client holding a file across the crash
-        daemon.stop(signal.SIGKILL)
-        assert (ex.path / "f").read_text() == "survives"  # while boxvold is down
-        daemon.start()
-        try:
+    try:
+        with open(ex.path / "f") as held:  # a client holding a file across the crash
+            daemon.stop(signal.SIGKILL)
+            assert (ex.path / "f").read_text() == "survives"  # while boxvold is down
+            daemon.start()
             log = daemon.log.read_text()
             assert f"export server re-adopted export={ex.id} pid={server}" in log
             [export] = daemon.client().list_exports()
             assert export["id"] == ex.id and export["server"]["pid"] == server
             assert held.read() == "survives"  # never noticed
             (ex.path / "g").write_text("after")
-        finally:
-            assert daemon.stop() == 0
+    finally:
+        # Nobody uses the export any more: a clean stop leaves nothing (volumed.stop_policy).
+        assert daemon.stop() == 0
     assert not mounted_at(str(ex.path)) and not Path(f"/proc/{server}").exists()
 
 

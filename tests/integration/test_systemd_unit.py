@@ -21,13 +21,15 @@ from volumed import locations
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "boxvold.service"
 WATCH_UNIT = REPO / "systemd" / "boxvol-vmwatch.service"
+SOCKET_UNIT = REPO / "systemd" / "boxvold.socket"
 VENV_BIN = REPO / ".venv" / "bin"
 BOXVOLD = VENV_BIN / "boxvold"
 
-#: ``systemd-analyze security --offline=yes`` measured 3.4 for boxvold and 0.5 for the VM
-#: watcher (systemd 252, Debian 12). A change that loosens a sandbox beyond this must raise
-#: its number here, on purpose.
-MAX_EXPOSURE = {UNIT.name: 3.5, WATCH_UNIT.name: 0.6}
+#: ``systemd-analyze security --offline=yes`` measured 3.2 for boxvold (with its mounts
+#: visible to the host: volumed/host_namespace.py) and 0.5 for the VM watcher (systemd 252,
+#: Debian 12); the issue asks for 4.5 or lower. A change that loosens a sandbox beyond this
+#: must raise its number here, on purpose.
+MAX_EXPOSURE = {UNIT.name: 3.3, WATCH_UNIT.name: 0.6}
 
 
 def _systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
@@ -82,9 +84,11 @@ def _directives(text: str) -> dict[str, list[str]]:
 
 
 def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
-    # Both in one directory, verified together: the watcher's Requires=/After= on
-    # boxvold.service resolve to the real unit.
+    # All in one directory, verified together: Requires=/After= on boxvold.service and
+    # boxvold.socket resolve to the real units.
     units = [_unit_for_this_checkout(tmp_path, unit) for unit in (UNIT, WATCH_UNIT)]
+    units.append(tmp_path / SOCKET_UNIT.name)
+    units[-1].write_text(SOCKET_UNIT.read_text())
     result = _systemd_analyze("verify", *map(str, units))
     output = result.stdout + result.stderr
     complaints = [line for line in output.splitlines() if "boxvol" in line]
@@ -128,6 +132,18 @@ def test_watcher_unit_runs_the_watcher_after_its_daemons() -> None:
     assert directives["Restart"] == ["on-failure"]
     # No capability at all: connecting to root's own sockets needs none.
     assert directives["CapabilityBoundingSet"] == [""]
+
+
+def test_the_socket_is_roots_and_the_groups_and_feeds_boxvold() -> None:
+    directives = _directives(SOCKET_UNIT.read_text())
+    assert directives["ListenStream"] == [
+        os.path.join(locations.SYSTEM_RUNTIME_DIR, locations.SOCKET_NAME)
+    ]
+    assert (directives["SocketUser"], directives["SocketGroup"]) == (["root"], ["boxvol"])
+    assert directives["SocketMode"] == ["0660"]
+    assert directives["Accept"] == ["no"]
+    service = _directives(UNIT.read_text())
+    assert "boxvold.socket" in service["Requires"] and service["KillMode"] == ["process"]
 
 
 def test_the_open_file_limit_fits_the_connection_bound() -> None:

@@ -17,6 +17,7 @@ import pytest
 from guest.processes import command_lines
 from tests.helpers import Daemon
 from volumed.errors import Conflict, InUse, InvalidArgument
+from volumed.fs.fuse_mount import mounted_at
 
 
 def virtiofsd_pids() -> dict[int, str]:
@@ -159,9 +160,11 @@ def test_a_virtiofsd_crashing_at_once_is_backed_off_with_its_socket_closed(
         assert daemon.stop() == 0
 
 
-def test_direct_virtiofsd_survives_a_restart_and_is_readopted(
+def test_virtiofsd_in_use_survives_a_restart_and_is_readopted(
     home: Path, runtime_dir: Path
 ) -> None:
+    """A guest connected to a share keeps it while boxvold restarts, served directly or
+    through a FUSE view (whose server stays too); the next boxvold re-adopts both."""
     daemon = Daemon(home, runtime_dir)
     daemon.start()
     client = daemon.client()
@@ -170,23 +173,41 @@ def test_direct_virtiofsd_survives_a_restart_and_is_readopted(
     via_fuse = client.create_export(
         "data", kind="virtiofs", via="fuse", consumer={"vm": "vm1", "tag": "b"}
     )
-    pid = direct["virtiofsd"]["pid"]
-    assert daemon.stop() == 0
-    # A guest served directly keeps its share while boxvold restarts; one served through the
-    # FUSE view cannot (the view goes down with boxvold), so its virtiofsd was stopped.
-    assert pid in virtiofsd_pids()
-    assert via_fuse["virtiofsd"]["pid"] not in virtiofsd_pids()
-    daemon.start()
+    pids = {e["id"]: e["virtiofsd"]["pid"] for e in (direct, via_fuse)}
+    server = client.get_export(via_fuse["id"])["server"]["pid"]
+    vmms = [socket.socket(socket.AF_UNIX) for _ in range(2)]  # stand-ins for QEMU
+    for vmm, export in zip(vmms, (direct, via_fuse), strict=True):
+        vmm.connect(export["socket"])
     try:
-        assert f"virtiofsd re-adopted export={direct['id']} pid={pid}" in daemon.log.read_text()
-        assert client.get_export(direct["id"])["virtiofsd"]["pid"] == pid
-        rearmed = client.get_export(via_fuse["id"])["virtiofsd"]["pid"]
-        assert rearmed in virtiofsd_pids()
+        _wait_connected(direct["socket"], via_fuse["socket"])
+        assert daemon.stop() == 0
+        assert set(pids.values()) <= set(virtiofsd_pids())
+        assert Path(f"/proc/{server}").exists() and mounted_at(via_fuse["mountpoint"])
+        daemon.start()
+        log = daemon.log.read_text()
+        for export_id, pid in pids.items():
+            assert f"virtiofsd re-adopted export={export_id} pid={pid}" in log
+            assert client.get_export(export_id)["virtiofsd"]["pid"] == pid
+        assert client.get_export(via_fuse["id"])["server"]["pid"] == server
+    finally:
+        for vmm in vmms:
+            vmm.close()
+    try:
         client.remove_volume("data", force=True)
-        assert pid not in virtiofsd_pids()
-        assert rearmed not in virtiofsd_pids()
+        assert not set(pids.values()) & set(virtiofsd_pids())
     finally:
         assert daemon.stop() == 0
+
+
+def _wait_connected(*paths: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        with open("/proc/net/unix") as table:
+            connected = {line.split()[-1] for line in table if " 03 " in line}
+        if set(paths) <= connected:
+            return
+        assert time.monotonic() < deadline, "virtiofsd never accepted the connections"
+        time.sleep(0.02)
 
 
 def test_an_idle_virtiofsd_on_a_lost_fuse_view_is_replaced_after_a_crash(daemon: Daemon) -> None:

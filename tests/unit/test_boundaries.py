@@ -32,6 +32,9 @@ BOUNDARIES = {
     "volumed.archive": ["pyfuse3", "trio"],
     "volumed.archive_worker": ["pyfuse3", "trio"],
     "volumed.archive_jobs": ["pyfuse3"],
+    "volumed.config": ["trio", "pyfuse3", "fastapi"],
+    "volumed.metrics": ["trio", "pyfuse3", "fastapi"],
+    "volumed.audit": ["pyfuse3", "libvirt", "fastapi"],
 }
 
 

@@ -61,9 +61,9 @@ def boxvold(home: Path, runtime_dir: Path) -> Iterator[Daemon]:
     try:
         yield daemon
     finally:
-        # The test's domains are gone by now (``domains`` depends on this fixture). A direct
-        # virtiofsd outlives a clean boxvold stop by design (re-adopted at the next start),
-        # so exports a failed test left behind are deleted first, or their virtiofsd would.
+        # The test's domains are gone by now (``domains`` depends on this fixture). An export
+        # in use outlives a clean boxvold stop by design (volumed.stop_policy), so exports a
+        # failed test left behind are deleted first, or a virtiofsd still connected would.
         if daemon.process is not None:
             client = Client(str(daemon.socket), timeout=30)
             with contextlib.suppress(BoxvolError):

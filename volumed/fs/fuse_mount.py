@@ -1,7 +1,8 @@
 """FUSE mounts made by boxvold for its export servers, without libfuse or pyfuse3.
 
-boxvold opens ``/dev/fuse``, mounts it at ``<runtime>/fs/<export-id>`` with mount(2) in its
-own (the host's) mount namespace, and hands the fd to the export's server process
+boxvold opens ``/dev/fuse``, mounts it at ``<runtime>/fs/<export-id>`` with mount(2) in the
+host's mount namespace (directly, or through ``nsenter`` when boxvold runs in a namespace of
+its own: ``volumed.host_namespace``), and hands the fd to the export's server process
 (``volumed.fs.server``), which serves it from its sandbox; the mount is visible to host
 programs, virtiofsd and VMMs by its path, while the server never sees the host. A server that
 dies leaves a dead mount (ENOTCONN): ``detach`` clears it before a new one is made.
@@ -16,6 +17,7 @@ import logging
 import os
 import stat
 
+from volumed.host_namespace import command_prefix
 from volumed.mounts import parse_mountinfo
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,28 @@ def mount_fuse(mountpoint: str) -> int:
     os.makedirs(mountpoint, mode=0o755, exist_ok=True)
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     data = mount_options(fd, stat.S_IFDIR)
+    prefix = command_prefix()
+    if prefix:
+        try:
+            _run_in_host(
+                [
+                    *prefix,
+                    "mount",
+                    "-i",
+                    "-t",
+                    f"fuse.{FS_NAME}",
+                    "-o",
+                    f"nosuid,nodev,{data}",
+                    FS_NAME,
+                    mountpoint,
+                ],
+                f"cannot mount FUSE at {mountpoint}",
+                pass_fds=(fd,),
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
     result = _libc.mount(
         FS_NAME.encode(),
         os.fsencode(mountpoint),
@@ -56,6 +80,17 @@ def mount_fuse(mountpoint: str) -> int:
         os.close(fd)
         raise OSError(err, f"cannot mount FUSE at {mountpoint}: {os.strerror(err)}")
     return fd
+
+
+def _run_in_host(argv: list[str], what: str, pass_fds: tuple[int, ...] = ()) -> None:
+    """Run a mount or umount command (in the host's mount namespace); OSError if it fails."""
+    import subprocess
+
+    result = subprocess.run(
+        argv, capture_output=True, text=True, errors="replace", pass_fds=pass_fds, check=False
+    )
+    if result.returncode != 0:
+        raise OSError(0, f"{what}: {' '.join(result.stderr.split()) or result.returncode}")
 
 
 def mounted_at(mountpoint: str) -> bool:
@@ -81,13 +116,12 @@ def detach_all_under(root: str) -> list[str]:
     """Detach every mount at or below ``root`` (what a crashed boxvold left). Blocking."""
     detached = []
     for point in mounts_under(root):
-        if _libc.umount2(os.fsencode(point), _MNT_DETACH) == 0:
-            detached.append(point)
+        try:
+            _detach(point)
+        except OSError as exc:
+            log.warning("cannot detach a stale mount mountpoint=%s error=%s", point, exc)
         else:
-            err = ctypes.get_errno()
-            log.warning(
-                "cannot detach a stale mount mountpoint=%s error=%s", point, os.strerror(err)
-            )
+            detached.append(point)
     return detached
 
 
@@ -96,7 +130,18 @@ def detach(mountpoint: str) -> bool:
     being torn down). Blocking. True if something was detached."""
     if not mounted_at(mountpoint):
         return False
+    _detach(mountpoint)
+    return True
+
+
+def _detach(mountpoint: str) -> None:
+    """umount2(MNT_DETACH) at ``mountpoint``, in the host's mount namespace."""
+    prefix = command_prefix()
+    if prefix:
+        _run_in_host(
+            [*prefix, "umount", "-l", mountpoint], f"cannot detach the mount at {mountpoint}"
+        )
+        return
     if _libc.umount2(os.fsencode(mountpoint), _MNT_DETACH) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"cannot detach the mount at {mountpoint}: {os.strerror(err)}")
-    return True
