@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
+import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from volumed.client import Client
@@ -220,3 +224,67 @@ def tree_snapshot(root: Path) -> dict[bytes, object]:
             )
     snapshot[b"<hard links>"] = sorted(sorted(g) for g in inodes.values() if len(g) > 1)
     return snapshot
+
+
+# -- hostile and hand-made tar archives ------------------------------------------------------
+
+
+def tar_bytes(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
+    """A PAX tar archive of ``members`` (a member's content, or None for none)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, content in members:
+            if content is not None:
+                info.size = len(content)
+            tar.addfile(info, io.BytesIO(content) if content is not None else None)
+    return out.getvalue()
+
+
+def tar_member(name: str, kind: bytes = tarfile.REGTYPE, **fields: object) -> tarfile.TarInfo:
+    """A tar header named ``name`` of type ``kind`` with ``fields`` set."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info
+
+
+# -- other mount namespaces and clean stops ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def held_in_another_namespace(directory: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A process in a mount namespace of its own whose cwd is ``directory``: it keeps the
+    mount there alive (as a guest's virtiofsd would) until the block ends."""
+    holder = subprocess.Popen(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"cd {directory} && exec sleep 600",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while str(directory) not in Path(f"/proc/{holder.pid}/mountinfo").read_text():
+            assert time.monotonic() < deadline, "the holder never entered its namespace"
+            time.sleep(0.05)
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def stop_cleanly(daemon: Daemon) -> None:
+    """Remove the daemon's exports (an export in use outlives a stop by design), then stop it
+    and check it exited 0."""
+    if daemon.process is None:
+        return
+    client = daemon.client()
+    for export in client.list_exports():
+        client.remove_export(export["id"])
+    status = daemon.stop()
+    assert status == 0, daemon.log.read_text()

@@ -135,8 +135,8 @@ class Client:
             except (FileNotFoundError, ConnectionRefusedError):
                 raise DaemonUnavailable(
                     f"boxvold is not running (nothing answers on {self.socket_path}); start it "
-                    "with 'boxvol serve' (or 'systemctl start boxvold'), or point BOXVOL_SOCKET "
-                    "at its socket"
+                    "with 'systemctl enable --now boxvold.socket' (or 'boxvol serve'), or "
+                    "point BOXVOL_SOCKET at its socket"
                 ) from None
             except PermissionError:
                 raise DaemonUnavailable(

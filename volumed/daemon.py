@@ -215,7 +215,13 @@ async def serve_boxvold(
         if listener is None:
             listener = bind_api_socket(config.socket_path, config.socket_group)
             stack.callback(_unlink_quietly, config.socket_path)
-        # else: systemd's boxvold.socket owns the path and keeps listening after we stop.
+        elif config.socket_group is not None:
+            log.warning(
+                "socket_group=%s ignored: the socket came from systemd, whose SocketGroup= "
+                "(boxvold.socket) decides who may use it",
+                config.socket_group,
+            )
+        # Else systemd's boxvold.socket owns the path and keeps listening after we stop.
         stack.callback(listener.close)
 
         server = HttpServer(

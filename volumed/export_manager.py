@@ -39,7 +39,14 @@ from volumed.exports import (
 )
 from volumed.fs.fuse_mount import detach, mounts_under
 from volumed.gate import open_volume_directory, volume_directory
-from volumed.gc import Finding, FindingKind, is_ours, virtiofsd_source
+from volumed.gc import (
+    Finding,
+    FindingKind,
+    allocated_bytes,
+    is_ours,
+    log_findings,
+    virtiofsd_source,
+)
 from volumed.model import Volume
 from volumed.stop_policy import ExportUse, StopPolicy
 from volumed.store import VolumeStore, utc_now
@@ -443,7 +450,7 @@ class ExportManager:
                     continue
                 path = os.path.join(directory, name)
                 kind: FindingKind = "stale-socket" if name.endswith(".sock") else "stale-file"
-                findings.append(Finding(kind, path, _allocated(path), "unlink"))
+                findings.append(Finding(kind, path, allocated_bytes(path), "unlink"))
                 if not dry_run:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
@@ -462,14 +469,7 @@ class ExportManager:
             if not dry_run:
                 with contextlib.suppress(OSError):
                     os.rmdir(path)
-        for finding in findings:
-            log.warning(
-                "gc %s kind=%s what=%s action=%s",
-                "found" if dry_run else "reclaimed",
-                finding.kind,
-                finding.what,
-                finding.action,
-            )
+        log_findings(findings, dry_run=dry_run)
         return findings
 
     def _virtiofsd_roots(self) -> tuple[str, ...]:
@@ -523,13 +523,6 @@ def _listdir(path: str) -> list[str]:
         return sorted(os.listdir(path))
     except FileNotFoundError:
         return []
-
-
-def _allocated(path: str) -> int:
-    try:
-        return os.lstat(path).st_blocks * 512
-    except OSError:
-        return 0
 
 
 def _boxvol_virtiofsd(roots: tuple[str, ...]) -> list[tuple[int, str]]:

@@ -188,6 +188,12 @@ class FuseServerSupervisor:
         await trio.to_thread.run_sync(detach, self.mountpoint)
         try:
             fuse_fd = await trio.to_thread.run_sync(mount_fuse, self.mountpoint)
+        except OSError as exc:
+            os.close(root_fd)
+            raise StorageError(
+                f"cannot mount the FUSE view of export {self.export.id}: {exc}; check that "
+                "/dev/fuse exists and that boxvold may use it (DeviceAllow= in its unit)"
+            ) from exc
         except BaseException:
             os.close(root_fd)
             raise

@@ -117,7 +117,8 @@ def _check_opened(
         if _mount_id(fd) not in own_mounts:
             raise ImageUnavailable(
                 f"volume {key!r} is sized, and its image is not mounted at {directory} "
-                "(boxvold mounts images as it starts; its log and 'boxvol health' say why "
+                "(boxvold mounts images as it starts; its log and the 'reconciled' list of "
+                "GET /v1/health say why "
                 "one was not), so nothing is served from the bare directory"
             )
         return opened

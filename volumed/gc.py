@@ -1,18 +1,23 @@
 """Garbage collection: what boxvol created and lost track of, found and reclaimed.
 
-The store finds the home's leftovers (``VolumeStore.gc_findings``: volume directories and
+The store finds the home's leftovers (``VolumeStore.collect_garbage``: volume directories and
 images without a registry row, rows whose data is gone, trash); the export manager finds the
-runtime's (``ExportManager.gc``: sockets, pidfiles and logs of exports that are gone, export
-servers and virtiofsd processes nobody supervises, mounts no export owns). Each is a
+runtime's (``ExportManager.collect_garbage``: sockets, pidfiles and logs of exports that
+are gone, export servers and virtiofsd processes nobody supervises, mounts no export owns).
+Each is a
 ``Finding`` saying what it is, what it takes and what reclaiming it does. Data is never
-deleted: an orphan directory or image is moved to the quarantine. Pure: this module only
-describes; the owners of each resource act.
+deleted: an orphan directory or image is moved to the quarantine. This module only
+describes (and logs); the owners of each resource act.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from typing import Literal
+
+log = logging.getLogger(__name__)
 
 #: What a leftover is.
 FindingKind = Literal[
@@ -45,6 +50,27 @@ class Finding:
     def to_json(self) -> dict[str, object]:
         """The API's shape of a finding (``GcFinding``)."""
         return dataclasses.asdict(self)
+
+
+def log_findings(findings: list[Finding], *, dry_run: bool) -> None:
+    """One greppable line per finding: ``gc found ...`` (dry run) or ``gc reclaimed ...``."""
+    for finding in findings:
+        log.warning(
+            "gc %s kind=%s what=%s bytes=%d action=%s",
+            "found" if dry_run else "reclaimed",
+            finding.kind,
+            finding.what,
+            finding.bytes,
+            finding.action,
+        )
+
+
+def allocated_bytes(path: str) -> int:
+    """Host bytes ``path`` itself takes (not following a link; 0 if it is gone)."""
+    try:
+        return os.lstat(path).st_blocks * 512
+    except OSError:
+        return 0
 
 
 def reclaimed_bytes(findings: list[Finding]) -> int:

@@ -223,6 +223,8 @@ class ImageMounts:
             [*command_prefix(), "mount", "-t", "ext4", "-o", options, source, directory],
             "mount the image",
         )
+        if not source.startswith("/dev/"):
+            self._direct_io(volume, directory)
         fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         parent = os.open(os.path.dirname(directory), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -241,6 +243,22 @@ class ImageMounts:
         with self._lock:
             self._ids[volume.id] = mount_id
         log.info("image mounted id=%s mount_id=%d", volume.id, mount_id)
+
+    def _direct_io(self, volume: Volume, directory: str) -> None:
+        """Switch the new loop device to direct I/O: the image's blocks are then cached once
+        (in the volume's filesystem), not twice (also in the image file's page cache), which
+        makes writes about 1.5x faster here (bench/storage.py). The kernel falls back to
+        buffered I/O where the host filesystem cannot; a refusal is only logged."""
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+            entry = image_mount_at(parse_mountinfo(table.read()), directory)
+        if entry is None or not entry.source.startswith("/dev/loop"):
+            return
+        try:
+            _run(
+                ["losetup", "--direct-io=on", entry.source], "switch the loop device to direct I/O"
+            )
+        except StorageError as exc:
+            log.warning("image without direct I/O id=%s reason=%s", volume.id, exc.message)
 
     def unmount(self, volume: Volume, directory: str) -> None:
         """Unmount the volume's image (never lazily: a busy volume raises InUse and stays

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 import trio
 
-from volumed.vhost import connected_at
+from volumed.vhost import connected_at, unix_socket_tables
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def opened_paths() -> list[tuple[int, str]]:
 def reasons_in_use(uses: list[ExportUse]) -> dict[str, str]:
     """Why each export in use is (export id -> reason); exports not in use are absent.
     Blocking: reads /proc."""
-    with open("/proc/net/unix") as table:
-        unix = table.read()
+    unix = unix_socket_tables()
     opened = opened_paths() if any(u.mountpoint for u in uses) else []
     reasons = {}
     for use in uses:

@@ -37,7 +37,7 @@ from volumed.errors import (
     StorageError,
 )
 from volumed.gate import check_not_mounted_over, foreign_mount, volume_directory
-from volumed.gc import Finding
+from volumed.gc import Finding, allocated_bytes, log_findings
 from volumed.images import SUFFIX as IMAGE_SUFFIX
 from volumed.images import ImageMounts, ImageUsage
 from volumed.locations import Layout
@@ -649,21 +649,13 @@ class VolumeStore:
             path = os.path.join(self.layout.images, entry)
             if path in owned:
                 continue
-            finding = Finding("orphan-image", path, _allocated(path), "quarantine")
+            finding = Finding("orphan-image", path, allocated_bytes(path), "quarantine")
             if not dry_run:
                 target = os.path.join(self.layout.quarantine, f"image-{entry}-{utc_now()}")
                 os.rename(path, target)
                 finding = dataclasses.replace(finding, detail=f"moved to {target}")
             findings.append(finding)
-        for finding in findings:
-            log.warning(
-                "gc %s kind=%s what=%s bytes=%d action=%s",
-                "found" if dry_run else "reclaimed",
-                finding.kind,
-                finding.what,
-                finding.bytes,
-                finding.action,
-            )
+        log_findings(findings, dry_run=dry_run)
         return findings
 
     def _data_present(self, volume: Volume) -> bool:
@@ -910,13 +902,6 @@ class VolumeStore:
         target = f"{kind}-{entry}-{utc_now()}"
         os.rename(entry, target, src_dir_fd=self._root_fds[kind], dst_dir_fd=self._quarantine_fd)
         return os.path.join(self.layout.quarantine, target)
-
-
-def _allocated(path: str) -> int:
-    try:
-        return os.lstat(path).st_blocks * 512
-    except OSError:
-        return 0
 
 
 def _trash_image(volume: Volume) -> str:

@@ -71,10 +71,25 @@ def connected_at(proc_net_unix: str, path: str) -> bool:
     return False
 
 
+def unix_socket_tables() -> str:
+    """/proc/net/unix of boxvold's network namespace and of the host's (PID 1's). The end a
+    VMM's connection gets on our side is made in the VMM's namespace, and under systemd
+    (PrivateNetwork=yes) that is not ours: QEMU runs in the host's. A VMM in a third network
+    namespace is not seen. Blocking."""
+    tables = []
+    for path in ("/proc/self/net/unix", "/proc/1/net/unix"):
+        try:
+            with open(path) as table:
+                tables.append(table.read())
+        except OSError:
+            continue
+    # One header line (connected_at skips it), then every table's rows.
+    return "\n".join(["header", *(line for t in tables for line in t.splitlines()[1:])])
+
+
 def _guest_connected(path: str) -> bool:
     """Blocking: whether a VMM is connected to the vhost-user socket at ``path``."""
-    with open("/proc/net/unix") as table:
-        return connected_at(table.read(), path)
+    return connected_at(unix_socket_tables(), path)
 
 
 def _alive_virtiofsd(pid: int, marker: str) -> bool:

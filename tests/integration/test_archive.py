@@ -4,7 +4,6 @@ hostile archives, all-or-nothing restores, and the edges of passing a pipe with 
 from __future__ import annotations
 
 import array
-import io
 import os
 import select
 import socket
@@ -23,6 +22,8 @@ from tests.helpers import (
     boxvol,
     make_odd_tree,
     ok,
+    tar_bytes,
+    tar_member,
     tree_snapshot,
 )
 from volumed import errors
@@ -76,24 +77,6 @@ def test_round_trip_of_an_odd_tree_is_byte_for_byte(daemon: Daemon, tmp_path: Pa
     assert tree_snapshot(_volume(daemon, "piped")) == source
 
 
-def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for info, content in members:
-            if content is not None:
-                info.size = len(content)
-            tar.addfile(info, io.BytesIO(content) if content is not None else None)
-    return out.getvalue()
-
-
-def _member(name: str, kind: bytes = tarfile.REGTYPE, **fields: object) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    for key, value in fields.items():
-        setattr(info, key, value)
-    return info
-
-
 def _everything(root: Path) -> list[str]:
     """Every path below ``root`` (links not followed)."""
     found = []
@@ -112,19 +95,19 @@ def test_a_hostile_archive_leaves_nothing_outside_the_volume(
     (_volume(daemon, "other") / "data").write_text("other volume")
     hostile = tmp_path / "hostile.tar"
     hostile.write_bytes(
-        _tar(
-            (_member("/etc/boxvol-pwned"), b"absolute"),
-            (_member("../pwned"), b"up"),
-            (_member("a/../../../../pwned"), b"up"),
-            (_member("esc", tarfile.SYMTYPE, linkname=str(outside)), None),
-            (_member("esc/pwned"), b"through a link"),
-            (_member("up", tarfile.SYMTYPE, linkname="../other"), None),
-            (_member("up/pwned"), b"into another volume"),
-            (_member("null", tarfile.CHRTYPE, devmajor=1, devminor=3), None),
-            (_member("fifo", tarfile.FIFOTYPE), None),
-            (_member("hl", tarfile.LNKTYPE, linkname=str(outside / "secret")), None),
-            (_member("hl2", tarfile.LNKTYPE, linkname="../other/data"), None),
-            (_member("suid", mode=0o6755), b"#!/bin/sh\n"),
+        tar_bytes(
+            (tar_member("/etc/boxvol-pwned"), b"absolute"),
+            (tar_member("../pwned"), b"up"),
+            (tar_member("a/../../../../pwned"), b"up"),
+            (tar_member("esc", tarfile.SYMTYPE, linkname=str(outside)), None),
+            (tar_member("esc/pwned"), b"through a link"),
+            (tar_member("up", tarfile.SYMTYPE, linkname="../other"), None),
+            (tar_member("up/pwned"), b"into another volume"),
+            (tar_member("null", tarfile.CHRTYPE, devmajor=1, devminor=3), None),
+            (tar_member("fifo", tarfile.FIFOTYPE), None),
+            (tar_member("hl", tarfile.LNKTYPE, linkname=str(outside / "secret")), None),
+            (tar_member("hl2", tarfile.LNKTYPE, linkname="../other/data"), None),
+            (tar_member("suid", mode=0o6755), b"#!/bin/sh\n"),
         )
     )
     before = set(_everything(tmp_path))

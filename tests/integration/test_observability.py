@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import VENV_BIN, Daemon, boxvol, ok
+from tests.helpers import VENV_BIN, Daemon, boxvol, ok, stop_cleanly
 from volumed import errors
 
 
@@ -38,11 +38,7 @@ def configured(home: Path, runtime_dir: Path, config_file: Path) -> Iterator[Dae
     try:
         yield daemon
     finally:
-        if daemon.process is not None:
-            client = daemon.client()
-            for export in client.list_exports():
-                client.remove_export(export["id"])
-            assert daemon.stop() == 0, daemon.log.read_text()
+        stop_cleanly(daemon)
 
 
 def _boxvold(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Daemon, boxvol, ok
+from tests.helpers import Daemon, boxvol, held_in_another_namespace, ok
 from volumed.errors import ImageUnavailable
 from volumed.fs.fuse_mount import mounted_at
 
@@ -224,38 +224,17 @@ def test_an_image_still_in_use_elsewhere_is_mounted_from_its_own_loop_device(
     daemon.start()
     ok(daemon, "create", "shared", "--size", "16M")
     directory = _named(daemon, "shared")
-    holder = subprocess.Popen(
-        [
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            f"cd {directory} && exec sleep 600",
-        ]
-    )
     try:
-        subprocess.run(
-            [
-                "sh",
-                "-c",
-                f"while ! grep -q {directory} /proc/{holder.pid}/mountinfo; do sleep 0.05; done",
-            ],
-            check=True,
-            timeout=30,
-        )
-        assert daemon.stop() == 0
-        assert not mounted_at(str(directory))
-        offset = daemon.log_offset()
-        daemon.start()
-        assert "image still attached" in daemon.log_since(offset)
-        (directory / "seen").write_text("same filesystem")
-        with open(f"/proc/{holder.pid}/cwd/seen") as through_holder:
-            assert through_holder.read() == "same filesystem"
+        with held_in_another_namespace(directory) as holder:
+            assert daemon.stop() == 0
+            assert not mounted_at(str(directory))
+            offset = daemon.log_offset()
+            daemon.start()
+            assert "image still attached" in daemon.log_since(offset)
+            (directory / "seen").write_text("same filesystem")
+            with open(f"/proc/{holder.pid}/cwd/seen") as through_holder:
+                assert through_holder.read() == "same filesystem"
     finally:
-        holder.kill()
-        holder.wait()
         assert daemon.stop() == 0
 
 
@@ -264,33 +243,10 @@ def test_resize_refuses_an_image_mounted_elsewhere(daemon: Daemon) -> None:
     ok(daemon, "create", "held", "--size", "16M")
     directory = _named(daemon, "held")
     (directory / "kept").write_text("kept")
-    holder = subprocess.Popen(
-        [
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            f"cd {directory} && exec sleep 600",
-        ]
-    )
-    try:
-        subprocess.run(
-            [
-                "sh",
-                "-c",
-                f"while ! grep -q {directory} /proc/{holder.pid}/mountinfo; do sleep 0.05; done",
-            ],
-            check=True,
-            timeout=30,
-        )
+    with held_in_another_namespace(directory):
         refused = boxvol(daemon, "resize", "held", "--size", "32M")
         assert refused.returncode == 1 and "still in use by another process" in refused.stderr
         assert mounted_at(str(directory)) and (directory / "kept").read_text() == "kept"
         [inspected] = json.loads(ok(daemon, "inspect", "held"))
         assert inspected["size_bytes"] == 16 << 20
-    finally:
-        holder.kill()
-        holder.wait()
     assert ok(daemon, "resize", "held", "--size", "32M") == "held 32M\n"

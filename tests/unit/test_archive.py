@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SPARSE_FILE, make_odd_tree, tree_snapshot
+from tests.helpers import SPARSE_FILE, make_odd_tree, tar_bytes, tar_member, tree_snapshot
 from volumed import archive
 from volumed.errors import BadArchive, Conflict
 
@@ -66,24 +66,6 @@ def test_pack_skips_reserved_names_and_other_filesystems(tmp_path: Path) -> None
         assert tar.getnames() == ["kept"]
 
 
-def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for info, content in members:
-            if content is not None:
-                info.size = len(content)
-            tar.addfile(info, io.BytesIO(content) if content is not None else None)
-    return out.getvalue()
-
-
-def _member(name: str, kind: bytes = tarfile.REGTYPE, **fields: object) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    for key, value in fields.items():
-        setattr(info, key, value)
-    return info
-
-
 def _listing(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
@@ -93,21 +75,21 @@ def test_hostile_archive_leaves_nothing_outside(tmp_path: Path) -> None:
     volume.mkdir()
     outside.mkdir()
     (outside / "secret").write_text("secret")
-    hostile = _tar(
-        (_member("/abs.txt"), b"absolute"),
-        (_member("../escape.txt"), b"escape"),
-        (_member("a/../../escape2.txt"), b"escape"),
-        (_member("link", tarfile.SYMTYPE, linkname=str(outside)), None),
-        (_member("link/owned.txt"), b"through the link"),
-        (_member("rel", tarfile.SYMTYPE, linkname="../outside"), None),
-        (_member("rel/owned2.txt"), b"through the link"),
-        (_member("dev", tarfile.CHRTYPE, devmajor=1, devminor=3), None),
-        (_member("fifo", tarfile.FIFOTYPE), None),
-        (_member("hard", tarfile.LNKTYPE, linkname=str(outside / "secret")), None),
-        (_member("hard2", tarfile.LNKTYPE, linkname="../outside/secret"), None),
-        (_member("hard3", tarfile.LNKTYPE, linkname="link"), None),
-        (_member("suid", mode=0o4755), b"#!/bin/sh\n"),
-        (_member(archive.OLD + "/x"), b"reserved"),
+    hostile = tar_bytes(
+        (tar_member("/abs.txt"), b"absolute"),
+        (tar_member("../escape.txt"), b"escape"),
+        (tar_member("a/../../escape2.txt"), b"escape"),
+        (tar_member("link", tarfile.SYMTYPE, linkname=str(outside)), None),
+        (tar_member("link/owned.txt"), b"through the link"),
+        (tar_member("rel", tarfile.SYMTYPE, linkname="../outside"), None),
+        (tar_member("rel/owned2.txt"), b"through the link"),
+        (tar_member("dev", tarfile.CHRTYPE, devmajor=1, devminor=3), None),
+        (tar_member("fifo", tarfile.FIFOTYPE), None),
+        (tar_member("hard", tarfile.LNKTYPE, linkname=str(outside / "secret")), None),
+        (tar_member("hard2", tarfile.LNKTYPE, linkname="../outside/secret"), None),
+        (tar_member("hard3", tarfile.LNKTYPE, linkname="link"), None),
+        (tar_member("suid", mode=0o4755), b"#!/bin/sh\n"),
+        (tar_member(archive.OLD + "/x"), b"reserved"),
     )
     report = _restore(hostile, volume)
     assert sorted(os.listdir(outside)) == ["secret"]
@@ -134,10 +116,10 @@ def test_a_later_member_does_not_turn_a_hard_link_target_into_a_link(tmp_path: P
     volume = tmp_path / "volume"
     volume.mkdir()
     report = _restore(
-        _tar(
-            (_member("a"), b"regular"),
-            (_member("a", tarfile.SYMTYPE, linkname=str(outside / "secret")), None),
-            (_member("b", tarfile.LNKTYPE, linkname="a"), None),
+        tar_bytes(
+            (tar_member("a"), b"regular"),
+            (tar_member("a", tarfile.SYMTYPE, linkname=str(outside / "secret")), None),
+            (tar_member("b", tarfile.LNKTYPE, linkname="a"), None),
         ),
         volume,
     )
@@ -148,10 +130,10 @@ def test_a_later_member_does_not_turn_a_hard_link_target_into_a_link(tmp_path: P
 
 def test_a_directory_is_never_replaced(tmp_path: Path) -> None:
     report = _restore(
-        _tar(
-            (_member("d", tarfile.DIRTYPE, mode=0o755), None),
-            (_member("d/x"), b"x"),
-            (_member("d", tarfile.SYMTYPE, linkname="/"), None),
+        tar_bytes(
+            (tar_member("d", tarfile.DIRTYPE, mode=0o755), None),
+            (tar_member("d/x"), b"x"),
+            (tar_member("d", tarfile.SYMTYPE, linkname="/"), None),
         ),
         tmp_path,
     )
@@ -169,7 +151,7 @@ def _populated(root: Path) -> dict[bytes, object]:
 @pytest.mark.parametrize("cut", ["mid_member", "member_boundary", "empty", "garbage"])
 def test_a_failed_restore_leaves_the_target_as_it_was(tmp_path: Path, cut: str) -> None:
     before = _populated(tmp_path)
-    whole = _tar((_member("a"), b"a" * 3000), (_member("b"), b"b" * 10))
+    whole = tar_bytes((tar_member("a"), b"a" * 3000), (tar_member("b"), b"b" * 10))
     with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
         boundary = tar.getmember("b").offset
     data = {
@@ -186,7 +168,7 @@ def test_a_failed_restore_leaves_the_target_as_it_was(tmp_path: Path, cut: str) 
 
 def test_a_non_empty_target_needs_force(tmp_path: Path) -> None:
     before = _populated(tmp_path)
-    data = _tar((_member("new.txt"), b"new"))
+    data = tar_bytes((tar_member("new.txt"), b"new"))
     with pytest.raises(Conflict, match="give --force"):
         _restore(data, tmp_path)
     assert tree_snapshot(tmp_path) == before
@@ -235,7 +217,7 @@ def test_an_image_volumes_lost_and_found_stays_out_of_it(tmp_path: Path) -> None
         (tmp_path / "data").unlink()
         # Only lost+found: empty as far as a restore is concerned, and it stays.
         archive.restore(io.BytesIO(out.getvalue()), fd, force=False, keep=archive.IMAGE_ENTRIES)
-        hostile = _tar((_member("lost+found/#123"), b"replaced"))
+        hostile = tar_bytes((tar_member("lost+found/#123"), b"replaced"))
         restored = archive.restore(io.BytesIO(hostile), fd, force=True, keep=archive.IMAGE_ENTRIES)
     finally:
         os.close(fd)
