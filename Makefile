@@ -7,9 +7,11 @@ STAMP := .stamps
 
 # Debian packages: FUSE and libvirt headers to build pyfuse3 and libvirt-python, podman and
 # hyperfine for the CLI start-up benchmark, systemd for `systemd-analyze verify` of our units,
+# systemd-container and debootstrap for the tests under a real systemd (tests/systemd),
 # fio for the FUSE benchmark, e2fsprogs and util-linux (mkfs.ext4, fsfreeze) for FUSE tests;
 # QEMU's virtiofsd, libvirt, and a Debian kernel + busybox for the test guest (guest/).
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config libvirt-dev gcc python3-dev podman hyperfine systemd debootstrap \
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config libvirt-dev gcc python3-dev podman hyperfine systemd \
+	systemd-container debootstrap \
 	fio e2fsprogs util-linux qemu-system-common qemu-system-x86 qemu-utils \
 	libvirt-daemon-system linux-image-amd64 busybox-static cpio
 
