@@ -9,10 +9,13 @@ import json
 import shlex
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from guest.build import build_guest, default_out_dir
 from tests.systemd.helpers import Container, wheelhouse
+from tests.vm.helpers import QemuGuest
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +237,72 @@ def test_a_restart_keeps_a_virtiofs_share_a_vmm_is_connected_to(container: Conta
     container.run("systemctl", "stop", "vmm")
     boxvol(container, "export", "rm", export_id)
     boxvol(container, "rm", "vmdata")
+
+
+#: Writes a numbered line every 50 ms (synced) to its share until the host says stop.
+GUEST_WRITER = """\
+i=0
+while [ ! -e /data/stop ]; do
+  echo $i >> /data/log && sync || { echo "WRITE FAILED at $i"; exit 1; }
+  i=$((i+1))
+  sleep 0.05
+done
+echo "WROTE: $i"
+"""
+
+
+def test_a_restart_keeps_a_real_guests_direct_share_and_loses_no_byte(
+    container: Container, tmp_path: Path
+) -> None:
+    """A TCG guest (QEMU on the host, connected to the container's vhost-user socket through
+    /proc/PID/root) writes through a direct virtio-fs share while `systemctl restart boxvold`
+    runs: its virtiofsd is kept and re-adopted, and every line arrives."""
+    boxvol(container, "create", "guestdata")
+    created = json.loads(
+        container.run(
+            "/opt/boxvol/bin/python",
+            "-c",
+            "import json; from volumed.client import Client\n"
+            "print(json.dumps(Client('/run/boxvol/boxvold.sock').create_export("
+            "'guestdata', kind='virtiofs', consumer={'vm': 'guest1', 'tag': 'data'})))",
+        ).stdout
+    )
+    virtiofsd = created["virtiofsd"]["pid"]
+    host_socket = f"/proc/{container.init_pid}/root{created['socket']}"
+    guest = QemuGuest(build_guest(default_out_dir()), tmp_path, script=GUEST_WRITER)
+    append = guest.command.index("-append") + 1
+    guest.command[append] += " boxvol.mount=data:/data"
+    guest.command += [
+        "-chardev",
+        f"socket,id=fs0,path={host_socket}",
+        "-device",
+        "vhost-user-fs-pci,chardev=fs0,tag=data,bus=rp1",
+    ]
+    volume_log = "/var/lib/boxvol/volumes/named/guestdata/log"
+    guest.start()
+    try:
+
+        def lines() -> list[str]:
+            return container.run("cat", volume_log, check=False).stdout.split()
+
+        deadline = time.monotonic() + 120
+        while len(lines()) < 20:
+            assert time.monotonic() < deadline, guest.console()[-3000:]
+            time.sleep(0.5)
+        container.run("systemctl", "restart", "boxvold.service")
+        inspected = json.loads(boxvol(container, "export", "inspect", created["id"]))[0]
+        assert inspected["virtiofsd"]["pid"] == virtiofsd  # kept through the restart
+        before = len(lines())
+        while len(lines()) < before + 20:  # still writing after it
+            assert time.monotonic() < deadline + 120, guest.console()[-3000:]
+            time.sleep(0.5)
+        container.run("touch", "/var/lib/boxvol/volumes/named/guestdata/stop")
+        guest.wait_stopped()
+    finally:
+        guest.stop()
+    [wrote] = [
+        line.split("WROTE: ")[1] for line in guest.console().splitlines() if "WROTE: " in line
+    ]
+    assert lines() == [str(i) for i in range(int(wrote))]  # no line lost, none failed
+    boxvol(container, "export", "rm", created["id"])
+    boxvol(container, "rm", "guestdata")
