@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,6 +51,22 @@ def mounts_of_boxvol(container: Container) -> list[str]:
         for line in table.splitlines()
         if line.split()[4].startswith(("/run/boxvol/", "/var/lib/boxvol/"))
     ]
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 120) -> None:
+    """Poll ``check`` until it holds (the test fails naming ``what`` after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def vmm_connected(container: Container, socket_path: str) -> bool:
+    """True once a connected socket bound to ``socket_path`` shows in PID 1's table."""
+    table = container.run("cat", "/proc/1/net/unix").stdout
+    return any(
+        line.split()[5:6] == ["03"] and line.endswith(socket_path) for line in table.splitlines()
+    )
 
 
 def boxvol_processes(container: Container) -> list[str]:
@@ -113,15 +129,21 @@ def test_a_restart_keeps_an_export_in_use_and_loses_no_byte(container: Container
         f"exec 3>>{shlex.quote(mountpoint)}/log; i=0; "
         "while [ $i -lt 100000 ]; do echo $i >&3 || exit 7; i=$((i+1)); sleep 0.02; done",
     )
-    time.sleep(1)
+    log = f"{shlex.quote(mountpoint)}/log"
+
+    def written() -> int:
+        return len(host_process(container, f"cat {log} 2>/dev/null || true").split())
+
+    wait_until("the writer's first lines", lambda: written() >= 20)
     container.run("systemctl", "restart", "boxvold.service")
-    time.sleep(1)
     inspected = json.loads(boxvol(container, "export", "inspect", export_id))[0]
     assert inspected["server"]["pid"] == server  # the same server, re-adopted
     assert "export left serving at stop" in container.journal("boxvold.service")
+    before = written()
+    wait_until("lines written after the restart", lambda: written() >= before + 20)
     container.run("systemctl", "stop", "writer")
-    lines = host_process(container, f"cat {shlex.quote(mountpoint)}/log").split()
-    assert lines == [str(i) for i in range(len(lines))] and len(lines) > 50  # no gap
+    lines = host_process(container, f"cat {log}").split()
+    assert lines == [str(i) for i in range(len(lines))]  # no gap, nothing failed
     boxvol(container, "export", "rm", export_id)
     boxvol(container, "rm", "busy")
 
@@ -190,12 +212,15 @@ def test_the_vm_watcher_runs_after_libvirtd_and_outlives_its_restart(container: 
     container.run("systemctl", "start", "boxvol-vmwatch.service")
     after = container.run("systemctl", "show", "-P", "After", "boxvol-vmwatch.service").stdout
     assert "libvirtd.service" in after and "boxvold.service" in after
-    time.sleep(2)
     assert (
         container.run("systemctl", "is-active", "boxvol-vmwatch.service").stdout.strip() == "active"
     )
     container.run("systemctl", "restart", "libvirtd.service")
-    time.sleep(5)
+    # It notices the lost connection and reconnects, in the same process.
+    wait_until(
+        "the watcher's reconnection",
+        lambda: "reconnected to libvirt" in container.journal("boxvol-vmwatch.service"),
+    )
     assert (
         container.run("systemctl", "is-active", "boxvol-vmwatch.service").stdout.strip() == "active"
     )
@@ -229,7 +254,7 @@ def test_a_restart_keeps_a_virtiofs_share_a_vmm_is_connected_to(container: Conta
         "import socket, time\n"
         f"s = socket.socket(socket.AF_UNIX); s.connect({socket_path!r}); time.sleep(600)",
     )
-    time.sleep(1)
+    wait_until("the VMM's connection", lambda: vmm_connected(container, socket_path))
     container.run("systemctl", "restart", "boxvold.service")
     inspected = json.loads(boxvol(container, "export", "inspect", export_id))[0]
     assert inspected["virtiofsd"]["pid"] == virtiofsd  # the same virtiofsd, re-adopted
