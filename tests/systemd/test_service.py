@@ -53,17 +53,21 @@ def mounts_of_boxvol(container: Container) -> list[str]:
     ]
 
 
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 120) -> None:
-    """Poll ``check`` until it holds (the test fails naming ``what`` after ``timeout``)."""
+def wait_until(
+    what: str, check: Callable[[], bool], timeout: float = 120, detail: Callable[[], str] = str
+) -> None:
+    """Poll ``check`` until it holds (the test fails naming ``what``, and ``detail()``, after
+    ``timeout``)."""
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{detail()}"
         time.sleep(0.2)
 
 
-def vmm_connected(container: Container, socket_path: str) -> bool:
-    """True once a connected socket bound to ``socket_path`` shows in PID 1's table."""
-    table = container.run("cat", "/proc/1/net/unix").stdout
+def vmm_connected(container: Container, socket_path: str, pid: int = 1) -> bool:
+    """True once a connected socket bound to ``socket_path`` shows in the unix socket table
+    of ``pid``'s network namespace (a connection's accepted end lives in the client's)."""
+    table = container.run("cat", f"/proc/{pid}/net/unix").stdout
     return any(
         line.split()[5:6] == ["03"] and line.endswith(socket_path) for line in table.splitlines()
     )
@@ -212,14 +216,17 @@ def test_the_vm_watcher_runs_after_libvirtd_and_outlives_its_restart(container: 
     container.run("systemctl", "start", "boxvol-vmwatch.service")
     after = container.run("systemctl", "show", "-P", "After", "boxvol-vmwatch.service").stdout
     assert "libvirtd.service" in after and "boxvold.service" in after
-    assert (
-        container.run("systemctl", "is-active", "boxvol-vmwatch.service").stdout.strip() == "active"
+    watcher = int(container.run("systemctl", "show", "-P", "MainPID", "boxvol-vmwatch").stdout)
+    wait_until(
+        "the watcher's libvirt connection",
+        lambda: vmm_connected(container, "/run/libvirt/libvirt-sock", watcher),
     )
     container.run("systemctl", "restart", "libvirtd.service")
     # It notices the lost connection and reconnects, in the same process.
     wait_until(
         "the watcher's reconnection",
         lambda: "reconnected to libvirt" in container.journal("boxvol-vmwatch.service"),
+        detail=lambda: container.journal("boxvol-vmwatch.service"),
     )
     assert (
         container.run("systemctl", "is-active", "boxvol-vmwatch.service").stdout.strip() == "active"
