@@ -9,8 +9,9 @@ import signal
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from volumed.client import Client
 
@@ -106,6 +107,20 @@ class Daemon:
     def client(self) -> Client:
         """A client of this daemon."""
         return Client(str(self.socket))
+
+
+def wait_for(
+    what: str, check: Callable[[], Any], timeout: float = 30.0, detail: Callable[[], str] = str
+) -> Any:
+    """``check()`` once it is true, polled for up to ``timeout`` seconds (then the test fails
+    naming ``what``, with ``detail()``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{detail()}"
+        time.sleep(0.1)
 
 
 def boxvol(

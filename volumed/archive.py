@@ -682,14 +682,20 @@ def _swap(root_fd: int, keep: frozenset[str]) -> None:
 
 
 def _finish_swap(root_fd: int) -> None:
-    swapping = os.open(SWAPPING, _DIR_OPEN, dir_fd=root_fd)
-    try:
-        for name in os.listdir(swapping):
-            os.rename(name, name, src_dir_fd=swapping, dst_dir_fd=root_fd)
-    finally:
-        os.close(swapping)
-    os.rmdir(SWAPPING, dir_fd=root_fd)
+    _empty_into_root(root_fd, SWAPPING)
     _remove_tree(root_fd, OLD)
+
+
+def _empty_into_root(root_fd: int, directory: str) -> None:
+    """Move every entry of ``directory`` (a reserved directory in the root) into the root,
+    then remove the emptied directory."""
+    fd = os.open(directory, _DIR_OPEN, dir_fd=root_fd)
+    try:
+        for name in os.listdir(fd):
+            os.rename(name, name, src_dir_fd=fd, dst_dir_fd=root_fd)
+    finally:
+        os.close(fd)
+    os.rmdir(directory, dir_fd=root_fd)
 
 
 def recover(root_fd: int) -> str | None:
@@ -707,13 +713,7 @@ def recover(root_fd: int) -> str | None:
         action = "finished"
     elif STAGED in present:
         if OLD in present:
-            old = os.open(OLD, _DIR_OPEN, dir_fd=root_fd)
-            try:
-                for name in os.listdir(old):
-                    os.rename(name, name, src_dir_fd=old, dst_dir_fd=root_fd)
-            finally:
-                os.close(old)
-            os.rmdir(OLD, dir_fd=root_fd)
+            _empty_into_root(root_fd, OLD)
         _remove_tree(root_fd, STAGED)
         action = "undone"
     elif OLD in present:

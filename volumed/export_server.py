@@ -28,6 +28,7 @@ import trio
 from volumed.errors import StorageError
 from volumed.exports import Export, encode_export
 from volumed.fs.fuse_mount import detach, mount_fuse, mounted_at
+from volumed.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,10 @@ def server_command(export: Export, fuse_fd: int, root_fd: int, ready_fd: int) ->
     ]
 
 
-class FuseServerSupervisor:
+class FuseServerSupervisor(Supervisor):
     """Keeps one export's FUSE server serving at its mountpoint while the export exists."""
+
+    process_name = "export server"
 
     def __init__(
         self,
@@ -70,10 +73,8 @@ class FuseServerSupervisor:
         on_restart: Callable[[], Awaitable[None]] | None = None,
         keep_at_stop: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
+        super().__init__(export.id, keep_at_stop)
         self.export = export
-        #: Asked when boxvold stops (not when the export is removed): True leaves the server
-        #: serving, for the next boxvold to re-adopt (``volumed.stop_policy``).
-        self.keep_at_stop = keep_at_stop
         self.mountpoint = mountpoint
         #: Opens the volume's directory through the gate (blocking; run in a thread).
         self.open_root = open_root
@@ -81,18 +82,8 @@ class FuseServerSupervisor:
         #: The running server's pid, for a boxvold that starts after a crash of this one.
         self.pidfile = os.path.join(state_dir, f"{export.id}.pid")
         self.on_restart = on_restart
-        self.pid: int | None = None
         #: The server was left serving by a previous boxvold (a crash) and taken over.
         self.adopted = False
-        self.restarts = 0
-        self.last_exit: int | None = None
-        self._stopping = False
-        self._scope: trio.CancelScope | None = None
-        self._done = trio.Event()
-
-    def status(self) -> dict[str, object]:
-        """What the API reports about the server behind the export."""
-        return {"pid": self.pid, "restarts": self.restarts, "last_exit": self.last_exit}
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until stopped (or boxvold shuts down). The first start's failure is
@@ -135,10 +126,7 @@ class FuseServerSupervisor:
 
     async def stop(self) -> None:
         """Stop the server, detach its mount and remove its mountpoint, log and pidfile."""
-        self._stopping = True
-        if self._scope is not None:
-            self._scope.cancel()
-        await self._done.wait()
+        await self._halt()
         await trio.to_thread.run_sync(self._clean_up)
 
     def _clean_up(self) -> None:
@@ -248,15 +236,6 @@ class FuseServerSupervisor:
         finally:
             if process.returncode is not None:
                 self.pid = None
-
-    async def _kept(self) -> bool:
-        """At boxvold's stop (not the export's removal): whether the server keeps serving."""
-        if self._stopping or self.keep_at_stop is None:
-            return False
-        if await self.keep_at_stop():
-            log.info("export server left serving export=%s pid=%s", self.export.id, self.pid)
-            return True
-        return False
 
     async def _gone(self, process: trio.Process) -> None:
         """The server stopped (terminated if it still runs) and its mount detached."""

@@ -565,28 +565,7 @@ class VolumeStore:
         if volume.backing == "image":
             image = self.images.usage(volume, directory)
             return Usage(image.used_bytes, image.used_inodes, image)
-        seen: set[int] = set()
-        total_bytes = 0
-        inodes = 0
-        try:
-            for _dirpath, dirnames, filenames, dir_fd in os.fwalk(directory):
-                st = os.fstat(dir_fd)
-                total_bytes += st.st_blocks * 512
-                inodes += 1
-                for entry in (*filenames, *(d for d in dirnames if _is_symlink(d, dir_fd))):
-                    try:
-                        st = os.lstat(entry, dir_fd=dir_fd)
-                    except FileNotFoundError:
-                        continue
-                    if st.st_nlink > 1:
-                        if st.st_ino in seen:
-                            continue
-                        seen.add(st.st_ino)
-                    total_bytes += st.st_blocks * 512
-                    inodes += 1
-        except OSError as exc:
-            log.warning("usage walk failed id=%s error=%s", volume.id, exc)
-        return Usage(total_bytes, inodes)
+        return tree_usage(directory, volume.id)
 
     def host_space(self) -> dict[str, int]:
         """Free and total bytes and inodes of the filesystem that holds the home."""
@@ -610,9 +589,8 @@ class VolumeStore:
         records = {(v.kind, v.key): v for v in self.registry.all()}
         exported = self.registry.export_counts()
         for entry in sorted(os.listdir(self._trash_fd)):
-            findings.append(
-                Finding("trash", entry, self._tree_bytes(self.layout.trash, entry), "delete")
-            )
+            trashed = os.path.join(self.layout.trash, entry)
+            findings.append(Finding("trash", entry, tree_usage(trashed, entry).bytes, "delete"))
             if not dry_run:
                 self._empty_trash_entry(entry)
         for kind in KINDS:
@@ -622,7 +600,7 @@ class VolumeStore:
                     continue
                 path = os.path.join(root, entry)
                 finding = Finding(
-                    "orphan-directory", path, self._tree_bytes(root, entry), "quarantine"
+                    "orphan-directory", path, tree_usage(path, entry).bytes, "quarantine"
                 )
                 if not dry_run:
                     where = self._quarantine(kind, entry)
@@ -669,29 +647,6 @@ class VolumeStore:
             pass
         with contextlib.suppress(OSError):
             os.rmdir(volume.key, dir_fd=self._root_fds[volume.kind])
-
-    def _tree_bytes(self, root: str, entry: str) -> int:
-        """Allocated bytes under ``root/entry`` (not following links, hard links once)."""
-        path = os.path.join(root, entry)
-        try:
-            st = os.lstat(path)
-        except OSError:
-            return 0
-        if not stat.S_ISDIR(st.st_mode):
-            return st.st_blocks * 512
-        total, seen = st.st_blocks * 512, set()
-        for _dirpath, dirnames, filenames, dir_fd in os.fwalk(path):
-            for name in (*filenames, *dirnames):
-                try:
-                    st = os.lstat(name, dir_fd=dir_fd)
-                except OSError:
-                    continue
-                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                    if st.st_ino in seen:
-                        continue
-                    seen.add(st.st_ino)
-                total += st.st_blocks * 512
-        return total
 
     # -- reconciliation -----------------------------------------------------------------
 
@@ -902,6 +857,39 @@ class VolumeStore:
         target = f"{kind}-{entry}-{utc_now()}"
         os.rename(entry, target, src_dir_fd=self._root_fds[kind], dst_dir_fd=self._quarantine_fd)
         return os.path.join(self.layout.quarantine, target)
+
+
+def tree_usage(path: str, what: str) -> Usage:
+    """Allocated bytes and inodes at and under ``path`` (links not followed, hard links
+    counted once); a failed walk is logged (naming ``what``) and what it counted returned."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return Usage(0, 0)
+    if not stat.S_ISDIR(st.st_mode):
+        return Usage(st.st_blocks * 512, 1)
+    seen: set[int] = set()
+    total_bytes = 0
+    inodes = 0
+    try:
+        for _dirpath, dirnames, filenames, dir_fd in os.fwalk(path):
+            st = os.fstat(dir_fd)
+            total_bytes += st.st_blocks * 512
+            inodes += 1
+            for entry in (*filenames, *(d for d in dirnames if _is_symlink(d, dir_fd))):
+                try:
+                    st = os.lstat(entry, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    continue
+                if st.st_nlink > 1:
+                    if st.st_ino in seen:
+                        continue
+                    seen.add(st.st_ino)
+                total_bytes += st.st_blocks * 512
+                inodes += 1
+    except OSError as exc:
+        log.warning("usage walk failed what=%s error=%s", what, exc)
+    return Usage(total_bytes, inodes)
 
 
 def _trash_image(volume: Volume) -> str:

@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from volumed.supervision import Supervisor
 from volumed.unix_sockets import bind_private, check_socket_path
 from volumed.virtiofsd import Virtiofsd
 
@@ -103,8 +104,10 @@ def _alive_virtiofsd(pid: int, marker: str) -> bool:
     )
 
 
-class VhostSupervisor:
+class VhostSupervisor(Supervisor):
     """Keeps a virtiofsd armed on one export's socket while the export exists."""
+
+    process_name = "virtiofsd"
 
     def __init__(
         self,
@@ -118,7 +121,7 @@ class VhostSupervisor:
         source_survived: bool = False,
         keep_at_stop: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
-        self.export_id = export_id
+        super().__init__(export_id, keep_at_stop)
         self.socket_path = socket_path
         self.source = source
         self.virtiofsd = virtiofsd
@@ -126,34 +129,20 @@ class VhostSupervisor:
         #: True for direct exports, whose source does not go away with boxvold: a virtiofsd
         #: left by a crashed boxvold is re-adopted as it is.
         self.keep_on_shutdown = keep_on_shutdown
-        #: Asked when boxvold stops (not when the export is removed): True leaves virtiofsd
-        #: serving, for the next boxvold to re-adopt (``volumed.stop_policy``).
-        self.keep_at_stop = keep_at_stop
         #: The FUSE view it serves outlived the previous boxvold (its server was re-adopted):
         #: a virtiofsd left on it is re-adopted as one on a volume is, its source intact.
         self.source_survived = source_survived
         base = os.path.splitext(socket_path)[0]
         self.pidfile = base + ".pid"
         self.logfile = base + ".log"
-        self.pid: int | None = None
-        self.restarts = 0
-        self.last_exit: int | None = None
         #: True while an adopted virtiofsd serves a FUSE view that died with boxvold.
         self.source_lost = False
-        self._stopping = False
         #: Set by ``restart``: the next exit is a replacement, not a crash.
         self._replace = False
-        self._scope: trio.CancelScope | None = None
-        self._done = trio.Event()
 
     def status(self) -> dict[str, object]:
         """What the API reports about the daemon behind the export."""
-        return {
-            "pid": self.pid,
-            "restarts": self.restarts,
-            "last_exit": self.last_exit,
-            "source_lost": self.source_lost,
-        }
+        return {**super().status(), "source_lost": self.source_lost}
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until stopped (or boxvold shuts down)."""
@@ -179,10 +168,7 @@ class VhostSupervisor:
 
     async def stop(self) -> None:
         """Stop supervising and stop virtiofsd; the socket goes away."""
-        self._stopping = True
-        if self._scope is not None:
-            self._scope.cancel()
-        await self._done.wait()
+        await self._halt()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         for leftover in (self.pidfile, self.logfile):
@@ -358,18 +344,10 @@ class VhostSupervisor:
                 kept = await self._kept()
             if not kept:
                 await self._terminate(process)
-            else:
-                log.info("virtiofsd left serving export=%s pid=%d", self.export_id, process.pid)
             raise
         finally:
             if process.returncode is not None:
                 self.pid = None
-
-    async def _kept(self) -> bool:
-        """At boxvold's stop (not the export's removal): whether virtiofsd keeps serving."""
-        if self._stopping or self.keep_at_stop is None:
-            return False
-        return await self.keep_at_stop()
 
     async def _terminate(self, process: trio.Process) -> None:
         with trio.move_on_after(STOP_GRACE, shield=True) as grace:

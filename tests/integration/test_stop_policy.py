@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from pathlib import Path
 
-from tests.helpers import Daemon
+from tests.helpers import Daemon, wait_for
 from volumed.fs.fuse_mount import mounted_at, mounts_under
 from volumed.stop_policy import holders
+from volumed.vhost import connected_at
 
 
 def _alive(pid: int) -> bool:
@@ -19,10 +19,7 @@ def _alive(pid: int) -> bool:
 
 
 def _wait_gone(pid: int) -> None:
-    deadline = time.monotonic() + 30
-    while _alive(pid):
-        assert time.monotonic() < deadline, f"pid {pid} still running"
-        time.sleep(0.02)
+    wait_for(f"pid {pid} to end", lambda: not _alive(pid))
 
 
 def test_holders_are_processes_under_the_mountpoint_but_its_own() -> None:
@@ -85,10 +82,7 @@ def test_a_virtiofs_export_with_a_vmm_connected_is_kept_and_an_idle_one_is_not(
     vmm = socket.socket(socket.AF_UNIX)  # stands in for QEMU's vhost-user connection
     vmm.connect(used["socket"])
     try:
-        deadline = time.monotonic() + 30
-        while used["socket"] not in _connected_sockets():
-            assert time.monotonic() < deadline, "virtiofsd never accepted the connection"
-            time.sleep(0.02)
+        wait_for("virtiofsd to accept the connection", lambda: _connected(used["socket"]))
         offset = daemon.log_offset()
         assert daemon.stop() == 0
         assert "reason=a VMM is connected to its vhost-user socket" in daemon.log_since(offset)
@@ -107,6 +101,6 @@ def test_a_virtiofs_export_with_a_vmm_connected_is_kept_and_an_idle_one_is_not(
         assert daemon.stop() == 0
 
 
-def _connected_sockets() -> str:
+def _connected(socket_path: str) -> bool:
     with open("/proc/net/unix") as table:
-        return "\n".join(line for line in table if " 03 " in line)
+        return connected_at(table.read(), socket_path)

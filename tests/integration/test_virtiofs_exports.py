@@ -8,27 +8,19 @@ import os
 import signal
 import socket
 import stat
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from guest.processes import command_lines
-from tests.helpers import Daemon
+from tests.helpers import Daemon, wait_for
 from volumed.errors import Conflict, InUse, InvalidArgument
 from volumed.fs.fuse_mount import mounted_at
+from volumed.vhost import connected_at
 
 
 def virtiofsd_pids() -> dict[int, str]:
     return command_lines(program="virtiofsd")
-
-
-def wait_for(predicate: Any, what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def test_socket_process_and_teardown(daemon: Daemon) -> None:
@@ -107,8 +99,8 @@ def test_a_dead_virtiofsd_is_rearmed(daemon: Daemon) -> None:
     first = export["virtiofsd"]["pid"]
     os.kill(first, signal.SIGKILL)
     wait_for(
+        "virtiofsd to be re-armed",
         lambda: client.get_export(export["id"])["virtiofsd"]["pid"] not in (None, first),
-        "virtiofsd was not re-armed",
     )
     status = client.get_export(export["id"])["virtiofsd"]
     assert status["restarts"] == 1
@@ -136,8 +128,8 @@ def test_a_virtiofsd_crashing_at_once_is_backed_off_with_its_socket_closed(
         client.create_volume("data")
         export = client.create_export("data", kind="virtiofs", consumer={"vm": "vm1", "tag": "c"})
         wait_for(
+            "the crashing virtiofsd to be restarted",
             lambda: client.get_export(export["id"])["virtiofsd"]["restarts"] >= 4,
-            "the crashing virtiofsd was not restarted",
         )
 
         def refused() -> bool:
@@ -151,7 +143,7 @@ def test_a_virtiofsd_crashing_at_once_is_backed_off_with_its_socket_closed(
                     return False
             return False
 
-        wait_for(refused, "a VMM was never refused while boxvold backed off")
+        wait_for("a VMM refused while boxvold backs off", refused)
         assert "virtiofsd backing off" in daemon.log.read_text()
         assert client.get_export(export["id"])["virtiofsd"]["last_exit"] == 3
         client.remove_export(export["id"])
@@ -200,14 +192,12 @@ def test_virtiofsd_in_use_survives_a_restart_and_is_readopted(
 
 
 def _wait_connected(*paths: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
+    def connected() -> bool:
         with open("/proc/net/unix") as table:
-            connected = {line.split()[-1] for line in table if " 03 " in line}
-        if set(paths) <= connected:
-            return
-        assert time.monotonic() < deadline, "virtiofsd never accepted the connections"
-        time.sleep(0.02)
+            text = table.read()
+        return all(connected_at(text, path) for path in paths)
+
+    wait_for("virtiofsd to accept the connections", connected)
 
 
 def test_an_idle_virtiofsd_on_a_lost_fuse_view_is_replaced_after_a_crash(daemon: Daemon) -> None:
@@ -225,17 +215,17 @@ def test_an_idle_virtiofsd_on_a_lost_fuse_view_is_replaced_after_a_crash(daemon:
     # with boxvold before that point just exits.
     virtiofsd_log = Path(export["socket"]).with_suffix(".log")
     wait_for(
+        "virtiofsd to become ready",
         lambda: "Waiting for vhost-user socket connection" in virtiofsd_log.read_text(),
-        "virtiofsd never became ready",
     )
     server = export["server"]["pid"]
     assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
     assert old in virtiofsd_pids()
     os.kill(server, signal.SIGKILL)
-    wait_for(lambda: not Path(f"/proc/{server}").exists(), "the server to die")
+    wait_for("the server to die", lambda: not Path(f"/proc/{server}").exists())
     offset = daemon.log_offset()
     daemon.start()
-    wait_for(lambda: old not in virtiofsd_pids(), "the idle virtiofsd was not stopped")
+    wait_for("the idle virtiofsd to stop", lambda: old not in virtiofsd_pids())
     status = client.get_export(export["id"])["virtiofsd"]
     assert status["pid"] in virtiofsd_pids() and status["pid"] != old
     assert status["source_lost"] is False
@@ -284,7 +274,7 @@ def test_a_via_fuse_share_is_rearmed_when_its_server_is_replaced(daemon: Daemon)
             virtiofsd,
         )
 
-    wait_for(replaced, "a fresh server and a fresh virtiofsd")
+    wait_for("a fresh server and a fresh virtiofsd", replaced)
     now = client.get_export(export["id"])
     # (The old virtiofsd may have died of its lost source before it was told to go: then
     # it counts as a crash. Either way a fresh one serves the new mount.)

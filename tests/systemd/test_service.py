@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from guest.build import build_guest, default_out_dir
+from tests.helpers import wait_for
 from tests.systemd.helpers import Container, wheelhouse
 from tests.vm.helpers import QemuGuest
+from volumed.vhost import connected_at
 
 
 @pytest.fixture(scope="module")
@@ -53,24 +55,10 @@ def mounts_of_boxvol(container: Container) -> list[str]:
     ]
 
 
-def wait_until(
-    what: str, check: Callable[[], bool], timeout: float = 120, detail: Callable[[], str] = str
-) -> None:
-    """Poll ``check`` until it holds (the test fails naming ``what``, and ``detail()``, after
-    ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{detail()}"
-        time.sleep(0.2)
-
-
 def vmm_connected(container: Container, socket_path: str, pid: int = 1) -> bool:
     """True once a connected socket bound to ``socket_path`` shows in the unix socket table
     of ``pid``'s network namespace (a connection's accepted end lives in the client's)."""
-    table = container.run("cat", f"/proc/{pid}/net/unix").stdout
-    return any(
-        line.split()[5:6] == ["03"] and line.endswith(socket_path) for line in table.splitlines()
-    )
+    return connected_at(container.run("cat", f"/proc/{pid}/net/unix").stdout, socket_path)
 
 
 def boxvol_processes(container: Container) -> list[str]:
@@ -138,13 +126,13 @@ def test_a_restart_keeps_an_export_in_use_and_loses_no_byte(container: Container
     def written() -> int:
         return len(host_process(container, f"cat {log} 2>/dev/null || true").split())
 
-    wait_until("the writer's first lines", lambda: written() >= 20)
+    wait_for("the writer's first lines", lambda: written() >= 20)
     container.run("systemctl", "restart", "boxvold.service")
     inspected = json.loads(boxvol(container, "export", "inspect", export_id))[0]
     assert inspected["server"]["pid"] == server  # the same server, re-adopted
     assert "export left serving at stop" in container.journal("boxvold.service")
     before = written()
-    wait_until("lines written after the restart", lambda: written() >= before + 20)
+    wait_for("lines written after the restart", lambda: written() >= before + 20)
     container.run("systemctl", "stop", "writer")
     lines = host_process(container, f"cat {log}").split()
     assert lines == [str(i) for i in range(len(lines))]  # no gap, nothing failed
@@ -217,13 +205,13 @@ def test_the_vm_watcher_runs_after_libvirtd_and_outlives_its_restart(container: 
     after = container.run("systemctl", "show", "-P", "After", "boxvol-vmwatch.service").stdout
     assert "libvirtd.service" in after and "boxvold.service" in after
     watcher = int(container.run("systemctl", "show", "-P", "MainPID", "boxvol-vmwatch").stdout)
-    wait_until(
+    wait_for(
         "the watcher's libvirt connection",
         lambda: vmm_connected(container, "/run/libvirt/libvirt-sock", watcher),
     )
     container.run("systemctl", "restart", "libvirtd.service")
     # It notices the lost connection and reconnects, in the same process.
-    wait_until(
+    wait_for(
         "the watcher's reconnection",
         lambda: "reconnected to libvirt" in container.journal("boxvol-vmwatch.service"),
         detail=lambda: container.journal("boxvol-vmwatch.service"),
@@ -261,7 +249,7 @@ def test_a_restart_keeps_a_virtiofs_share_a_vmm_is_connected_to(container: Conta
         "import socket, time\n"
         f"s = socket.socket(socket.AF_UNIX); s.connect({socket_path!r}); time.sleep(600)",
     )
-    wait_until("the VMM's connection", lambda: vmm_connected(container, socket_path))
+    wait_for("the VMM's connection", lambda: vmm_connected(container, socket_path))
     container.run("systemctl", "restart", "boxvold.service")
     inspected = json.loads(boxvol(container, "export", "inspect", export_id))[0]
     assert inspected["virtiofsd"]["pid"] == virtiofsd  # the same virtiofsd, re-adopted

@@ -280,17 +280,6 @@ def qemu_for(domain: str) -> list[int]:
     return list(processes_naming(f"guest={domain},", program="qemu-system"))
 
 
-def wait_for(what: str, check: Any, timeout: float = 30.0) -> Any:
-    """``check()`` once it is true, polled for up to ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def alive(pid: int) -> bool:
     """Whether process ``pid`` runs (exists and is not a zombie)."""
     try:

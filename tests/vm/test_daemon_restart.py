@@ -13,8 +13,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import Daemon
-from tests.vm.helpers import Domains, alive, qemu_for, volume_dir, wait_for
+from tests.helpers import Daemon, wait_for
+from tests.vm.helpers import Domains, alive, qemu_for, volume_dir
 from vmdriver.backends.libvirt import LibvirtDriver
 from volumed.client import Client
 

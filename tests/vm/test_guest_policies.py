@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Daemon
+from tests.helpers import Daemon, wait_for
 from tests.vm.helpers import (
     URI,
     Domains,
@@ -26,7 +26,6 @@ from tests.vm.helpers import (
     virtiofsd_running,
     virtiofsd_serving,
     volume_dir,
-    wait_for,
 )
 from vmdriver.backends.libvirt import LibvirtDriver
 from volumed.client import Client
